@@ -1,0 +1,3 @@
+from tahoefs.cli.main import main
+
+main()

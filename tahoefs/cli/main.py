@@ -1,0 +1,199 @@
+"""Entry point of the `tahoefs` command: argument parsing and the one place where errors become exit
+codes (0 success, 1 operation failed, 2 bad usage or input) and one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import trio
+
+from tahoefs import __version__
+from tahoefs.cli import home, localgrid
+from tahoefs.errors import GridError, TahoefsError, UsageError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"tahoefs: error: {message}\n")
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--grid", metavar="FILE", help="grid file (default: $TAHOEFS_HOME/grid.toml)")
+    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser = _Parser(
+        prog="tahoefs", description="Files on a grid of half-trusted storage nodes.", parents=[common]
+    )
+    parser.add_argument("--version", action="version", version=f"tahoefs {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("node", parents=[common], help="run one storage node in the foreground")
+    p.add_argument("--dir", required=True, type=Path, help="folder for the node's shares and identity")
+    p.add_argument(
+        "--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="address (default 127.0.0.1:0)"
+    )
+
+    g = sub.add_parser("grid", parents=[common], help="manage the local grid and the grid file")
+    gsub = g.add_subparsers(dest="grid_command", metavar="ACTION", parser_class=_Parser)
+    gsub.required = True
+    up = gsub.add_parser("up", parents=[common], help="start local nodes and write the grid file")
+    up.add_argument("--nodes", type=int, default=None, help="how many nodes (default 10)")
+    gsub.add_parser("down", parents=[common], help="stop every local node")
+    for name, text in (("stop", "stop local nodes by index"), ("start", "start local nodes by index")):
+        q = gsub.add_parser(name, parents=[common], help=text)
+        q.add_argument("indexes", type=int, nargs="+", metavar="I")
+    st = gsub.add_parser("status", parents=[common], help="show the local nodes")
+    st.add_argument("--json", action="store_true")
+    add = gsub.add_parser("add", parents=[common], help="add a remote node to the grid file")
+    add.add_argument("url")
+    add.add_argument("token")
+
+    p = sub.add_parser("put", parents=[common], help="upload a file; print its read cap")
+    p.add_argument("file", metavar="FILE|-")
+    p.add_argument("dest", nargs="?", metavar="DEST")
+    p = sub.add_parser("get", parents=[common], help="download a file (verified bytes only)")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("-o", "--output", metavar="FILE")
+    return parser
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    from tahoefs.storage.node_main import run_node
+
+    run_node(args.dir, args.listen)
+    return EXIT_OK
+
+
+def _cmd_grid(args: argparse.Namespace) -> int:
+    tahoefs_home = home.home_dir()
+    action = args.grid_command
+    if action == "up":
+        nodes = localgrid.grid_up(tahoefs_home, home.grid_file(args.grid), args.nodes)
+        print(f"{len(nodes)} nodes running under {localgrid.nodes_root(tahoefs_home)}")
+        print(f"grid file: {home.grid_file(args.grid)}")
+    elif action == "down":
+        stopped = localgrid.grid_down(tahoefs_home)
+        print(f"stopped {stopped} nodes")
+    elif action == "stop":
+        localgrid.stop_nodes(tahoefs_home, args.indexes)
+    elif action == "start":
+        localgrid.start_nodes(tahoefs_home, args.indexes)
+    elif action == "status":
+        rows = localgrid.grid_status(tahoefs_home)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            _print_status(rows)
+    elif action == "add":
+        _grid_add(args)
+    return EXIT_OK
+
+
+def _print_status(rows: list[dict[str, object]]) -> None:
+    if not rows:
+        print("no local nodes (run 'tahoefs grid up')")
+        return
+    print(f"{'#':>3} {'url':<24} {'state':<8} {'pid':>7} {'shares':>7} {'MB':>9} {'free GB':>8}  dir")
+    for r in rows:
+        mb = f"{r['bytes'] / 1e6:.1f}" if isinstance(r["bytes"], int) else "-"
+        free = f"{r['free_bytes'] / 1e9:.1f}" if isinstance(r["free_bytes"], int) else "-"
+        state = "running" if r["running"] else "stopped"
+        print(
+            f"{r['index']:>3} {r['url']!s:<24} {state:<8} {r['pid'] or '-'!s:>7} {r['shares'] if r['shares'] is not None else '-'!s:>7}"
+            f" {mb:>9} {free:>8}  {r['dir']}"
+        )
+
+
+def _grid_add(args: argparse.Namespace) -> None:
+    import httpx
+
+    from tahoefs.grid.config import GridConfig, NodeConfig, load_grid, save_grid
+
+    path = home.grid_file(args.grid)
+    config = load_grid(path) if path.exists() else GridConfig()
+    if not args.url.startswith(("http://", "https://")):
+        raise UsageError(f"node URL must start with http:// or https://, got {args.url!r}")
+    node_id = ""
+    try:
+        r = httpx.get(
+            f"{args.url.rstrip('/')}/v1/version", headers={"authorization": f"Bearer {args.token}"}, timeout=5
+        )
+        if r.status_code == 401:
+            raise UsageError(f"node {args.url} refused the token")
+        node_id = str(r.json().get("node_id", ""))
+    except (httpx.HTTPError, ValueError):
+        print(f"warning: node {args.url} did not answer; added anyway", file=sys.stderr)
+    config.nodes = [n for n in config.nodes if n.url != args.url.rstrip("/")]
+    config.nodes.append(NodeConfig(args.url.rstrip("/"), args.token, node_id))
+    save_grid(config, path)
+    print(f"grid file {path} now lists {len(config.nodes)} nodes")
+
+
+def _cmd_put(args: argparse.Namespace) -> int:
+    from tahoefs.cli import transfer
+
+    if args.dest is not None:
+        raise UsageError(
+            "put with DEST needs directories, which arrive with 'tahoefs mkfs'; put FILE alone prints a cap"
+        )
+    config = home.load_grid_config(args.grid)
+    cap = trio.run(transfer.put, config, home.client_secret(), args.file)
+    print(cap)
+    return EXIT_OK
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    from tahoefs.cli import transfer
+    from tahoefs.formats.caps import LiteralCap, parse_cap
+
+    cap = parse_cap(args.src)  # bad caps fail before the grid file is even needed
+    config = home.load_grid_config(args.grid) if not isinstance(cap, LiteralCap) else None
+    try:
+        problems = trio.run(transfer.get, config, home.client_secret(), args.src, args.output)
+    except GridError:
+        raise
+    for problem in problems:
+        print(f"tahoefs get: warning: {problem}", file=sys.stderr)
+    return EXIT_OK
+
+
+COMMANDS = {"node": _cmd_node, "grid": _cmd_grid, "put": _cmd_put, "get": _cmd_get}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = COMMANDS[args.command](args)
+    except UsageError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"tahoefs {args.command}: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    except TahoefsError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"tahoefs {args.command}: {exc}", file=sys.stderr)
+        code = EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"tahoefs {args.command}: interrupted", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:
+        code = EXIT_FAILED
+    except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"tahoefs {args.command}: internal error: {type(exc).__name__}: {exc} (run with --debug for details)",
+            file=sys.stderr,
+        )
+        code = EXIT_FAILED
+    sys.exit(code)

@@ -1,0 +1,58 @@
+"""The exception hierarchy. Errors are raised typed and mapped once, at the edge:
+exit code + one line in the CLI, errno in the FUSE layer.
+
+    TahoefsError
+    ├── UsageError          bad input from the user (exit 2): malformed cap, missing file, bad config
+    │   └── BadCapError
+    └── GridError           the operation failed (exit 1)
+        ├── UploadUnhappyError   fewer than `happy` nodes committed a share
+        │   └── GridFullError    ... because nodes are out of space
+        ├── NotEnoughSharesError fewer than k good shares could be found/fetched
+        └── NodeError            one node misbehaved (internal; routed around by the grid layer)
+            └── IntegrityError   data from a node failed verification
+"""
+
+
+class TahoefsError(Exception):
+    """Base of every error tahoefs raises on purpose."""
+
+
+class UsageError(TahoefsError):
+    """The user asked for something malformed or impossible; nothing on the grid is wrong."""
+
+
+class BadCapError(UsageError):
+    """A capability string could not be parsed."""
+
+
+class GridError(TahoefsError):
+    """A grid operation failed: not enough nodes, not enough shares, integrity failure."""
+
+
+class UploadUnhappyError(GridError):
+    """Fewer than `happy` distinct nodes committed a share; nothing is promised stored."""
+
+
+class GridFullError(UploadUnhappyError):
+    """The upload failed because nodes refused for lack of space (maps to ENOSPC)."""
+
+
+class NotEnoughSharesError(GridError):
+    """Fewer than k verified shares could be found or fetched; the data cannot be read now."""
+
+
+class NodeError(GridError):
+    """One node failed a request: unreachable, refused, stalled or answered nonsense."""
+
+    def __init__(self, node: str, message: str) -> None:
+        super().__init__(f"{node}: {message}")
+        self.node = node
+        self.reason = message
+
+
+class NodeFullError(NodeError):
+    """The node answered 507: not enough free space."""
+
+
+class IntegrityError(NodeError):
+    """Bytes from a node did not match the hashes pinned by the capability."""

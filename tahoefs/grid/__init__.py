@@ -1,0 +1,1 @@
+"""The grid client: configuration, placement, upload and download. No FUSE, no CLI."""

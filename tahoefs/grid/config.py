@@ -1,0 +1,107 @@
+"""The grid file (`$TAHOEFS_HOME/grid.toml`): which nodes make the grid and how files are encoded.
+
+[encoding]
+needed = 3      # k: shares needed to read a file
+happy = 7       # an upload succeeds only when this many distinct nodes hold a share
+total = 10      # n: shares made per file
+
+[[nodes]]
+url = "http://127.0.0.1:40001"
+token = "..."
+id = "..."      # optional: the node's id (placement key); defaults to the URL
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tahoefs.errors import UsageError
+
+DEFAULT_NEEDED, DEFAULT_HAPPY, DEFAULT_TOTAL = 3, 7, 10
+
+
+@dataclass
+class NodeConfig:
+    url: str
+    token: str
+    id: str = ""
+
+    @property
+    def placement_id(self) -> str:
+        return self.id or self.url
+
+
+@dataclass
+class GridConfig:
+    nodes: list[NodeConfig] = field(default_factory=list)
+    needed: int = DEFAULT_NEEDED
+    happy: int = DEFAULT_HAPPY
+    total: int = DEFAULT_TOTAL
+
+    def validate(self) -> None:
+        if not 1 <= self.needed <= self.happy <= self.total <= 256:
+            raise UsageError(
+                f"grid encoding needs 1 <= needed <= happy <= total <= 256, got "
+                f"needed={self.needed} happy={self.happy} total={self.total}"
+            )
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def dump_grid(config: GridConfig) -> str:
+    lines = [
+        "# tahoefs grid file: the nodes of the grid and the encoding of new files.",
+        "[encoding]",
+        f"needed = {config.needed}",
+        f"happy = {config.happy}",
+        f"total = {config.total}",
+    ]
+    for node in config.nodes:
+        lines += ["", "[[nodes]]", f"url = {_quote(node.url)}", f"token = {_quote(node.token)}"]
+        if node.id:
+            lines.append(f"id = {_quote(node.id)}")
+    return "\n".join(lines) + "\n"
+
+
+def save_grid(config: GridConfig, path: Path) -> None:
+    """Write atomically (temp file + rename), readable by the owner only: it holds the tokens."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(dump_grid(config))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_grid(path: Path) -> GridConfig:
+    """Parse a grid file. Raises UsageError naming the file and the problem."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(
+            f"no grid file at {path}: run 'tahoefs grid up' for a local grid, or 'tahoefs grid add URL TOKEN'"
+        ) from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"cannot read grid file {path}: {exc}") from None
+    try:
+        enc = data.get("encoding", {})
+        config = GridConfig(
+            nodes=[
+                NodeConfig(str(n["url"]), str(n["token"]), str(n.get("id", "")))
+                for n in data.get("nodes", [])
+            ],
+            needed=int(enc.get("needed", DEFAULT_NEEDED)),
+            happy=int(enc.get("happy", DEFAULT_HAPPY)),
+            total=int(enc.get("total", DEFAULT_TOTAL)),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UsageError(f"grid file {path} is malformed: {exc}") from None
+    config.validate()
+    return config

@@ -1,0 +1,298 @@
+"""Download: find shares, fetch k verified blocks per segment, decode, decrypt.
+
+A `FileReader` serves any byte range of one immutable file. For each segment it picks k distinct shares
+(primary shares 0..k-1 first, because decoding them is free; then the fastest nodes), fetches each
+share's trailer once (one suffix request, verified against the cap's UEB hash), then one ranged request
+per block, and checks every block against its leaf hash before decoding. A node that errors, stalls past
+BLOCK_DEADLINE or sends bytes that fail verification is dropped for the rest of this reader, named in
+`problems`, and another share takes its place.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from tahoefs.errors import IntegrityError, NodeError, NotEnoughSharesError
+from tahoefs.formats.caps import FileCap, VerifyCap
+from tahoefs.formats.codec import block_hash, decode_segment
+from tahoefs.formats.hashing import HASH_SIZE
+from tahoefs.formats.share import VerifiedTrailer, parse_trailer, verify_leaves
+from tahoefs.grid.client import GridClient
+from tahoefs.limits import (
+    DOWNLOAD_WINDOW_SEGMENTS,
+    LOCATE_GRACE,
+    MAX_TRAILER_BYTES,
+    NODE_STALL_TIMEOUT,
+    TRAILER_PROBE_BYTES,
+)
+from tahoefs.storage.client import NodeClient
+
+BLOCK_DEADLINE = NODE_STALL_TIMEOUT  # seconds for one block (or trailer) before its node is dropped
+LEAF_CHUNKS_CACHED = 2  # verified leaf chunks kept per share (128 KiB each at most)
+
+
+@dataclass
+class ShareSource:
+    """Share `num` as held by `node`, with its verified trailer once fetched."""
+
+    node: NodeClient
+    num: int
+    trailer: VerifiedTrailer | None = None
+    seconds_per_fetch: float = 0.0
+    lock: trio.Lock | None = None
+
+    def __post_init__(self) -> None:
+        self.lock = trio.Lock()
+        self._leaf_chunks: OrderedDict[int, bytes] = OrderedDict()
+
+
+class FileReader:
+    """Random and sequential access to one immutable file, every byte verified.
+
+    Use inside trio. With a VerifyCap it can fetch and verify blocks (`verified_blocks`) but not decrypt.
+    Raises NotEnoughSharesError when fewer than k good shares remain for a segment."""
+
+    def __init__(self, grid: GridClient, cap: FileCap | VerifyCap) -> None:
+        self.grid = grid
+        self.cap = cap
+        self.key = cap.key if isinstance(cap, FileCap) else None
+        self.si = cap.storage_index
+        self.k, self.n = cap.needed, cap.total
+        self.size = cap.size
+        self.sources: list[ShareSource] | None = None
+        self.bad_nodes: dict[str, str] = {}
+        self.problems: list[str] = []
+        self._locate_lock = trio.Lock()
+
+    # -- locating ------------------------------------------------------------------------------
+    def _mark_bad(self, node: NodeClient, reason: str) -> None:
+        if node.node_id not in self.bad_nodes:
+            self.bad_nodes[node.node_id] = reason
+            self.problems.append(f"node {node.name}: {reason}")
+
+    async def locate(self) -> list[ShareSource]:
+        """Ask every node (in ring order, concurrently) which shares it holds. Returns once all have
+        answered, or LOCATE_GRACE seconds after k distinct shares are known."""
+        async with self._locate_lock:
+            if self.sources is not None:
+                return self.sources
+            found: list[ShareSource] = []
+            nums: set[int] = set()
+            ring = self.grid.permuted_nodes(self.si)
+            pending = len(ring)
+            async with trio.open_nursery() as nursery:
+
+                async def ask(node: NodeClient) -> None:
+                    nonlocal pending
+                    try:
+                        with trio.fail_after(BLOCK_DEADLINE):
+                            held = await node.list_shares(self.si)
+                    except trio.TooSlowError:
+                        self._mark_bad(node, "did not answer in time")
+                        held = []
+                    except NodeError as exc:
+                        self._mark_bad(node, exc.reason)
+                        held = []
+                    for num in held:
+                        if num < self.n:
+                            found.append(ShareSource(node, num))
+                            nums.add(num)
+                    pending -= 1
+                    if pending == 0:
+                        nursery.cancel_scope.cancel()
+                    elif len(nums) >= self.k:
+                        nursery.start_soon(grace)
+
+                async def grace() -> None:
+                    await trio.sleep(LOCATE_GRACE)
+                    nursery.cancel_scope.cancel()
+
+                for node in ring:
+                    nursery.start_soon(ask, node)
+            self.sources = found
+            return found
+
+    # -- verified fetching -----------------------------------------------------------------------
+    async def _trailer(self, source: ShareSource) -> VerifiedTrailer:
+        assert source.lock is not None
+        async with source.lock:
+            if source.trailer is None:
+                node = source.node
+                suffix, length = await node.read_suffix(self.si, source.num, TRAILER_PROBE_BYTES)
+                trailer, more = parse_trailer(suffix, length, self.cap.ueb_hash, source.num)
+                if more:
+                    if more > MAX_TRAILER_BYTES:
+                        raise IntegrityError(node.name, "trailer is impossibly large")
+                    suffix, length = await node.read_suffix(self.si, source.num, more)
+                    trailer, more = parse_trailer(suffix, length, self.cap.ueb_hash, source.num)
+                if trailer.ueb.file_size != self.size or (trailer.ueb.needed, trailer.ueb.total) != (
+                    self.k,
+                    self.n,
+                ):
+                    raise IntegrityError(node.name, "share parameters disagree with the capability")
+                source.trailer = trailer
+                source._leaf_chunks.update(trailer.leaves)
+            return source.trailer
+
+    async def _leaf(self, source: ShareSource, segment: int) -> bytes:
+        trailer = await self._trailer(source)
+        per = trailer.ueb.hash_chunk_leaves
+        chunk = segment // per
+        leaves = source._leaf_chunks.get(chunk)
+        if leaves is None:
+            offset, length = trailer.layout.chunk_range(chunk)
+            raw = await source.node.read_range(self.si, source.num, offset, length)
+            leaves = verify_leaves(trailer, chunk, raw)
+            source._leaf_chunks[chunk] = leaves
+            while len(source._leaf_chunks) > LEAF_CHUNKS_CACHED:
+                source._leaf_chunks.popitem(last=False)
+        index = segment - chunk * per
+        return leaves[index * HASH_SIZE : (index + 1) * HASH_SIZE]
+
+    async def _fetch_block(self, source: ShareSource, segment: int) -> bytes:
+        """One verified block, or NodeError/IntegrityError (IntegrityError names the node)."""
+        started = trio.current_time()
+        try:
+            with trio.fail_after(BLOCK_DEADLINE):
+                leaf = await self._leaf(source, segment)
+                layout = source.trailer.layout  # type: ignore[union-attr]
+                block = await source.node.read_range(
+                    self.si, source.num, layout.block_offset(segment), layout.block_size(segment)
+                )
+        except trio.TooSlowError:
+            raise NodeError(source.node.name, f"stalled for more than {BLOCK_DEADLINE:.0f} s") from None
+        except IntegrityError as exc:
+            raise IntegrityError(source.node.name, exc.reason) from None
+        if await trio.to_thread.run_sync(block_hash, block) != leaf:
+            raise IntegrityError(source.node.name, f"block {segment} of share {source.num} is corrupt")
+        elapsed = trio.current_time() - started
+        source.seconds_per_fetch = (
+            elapsed if not source.seconds_per_fetch else 0.7 * source.seconds_per_fetch + 0.3 * elapsed
+        )
+        return block
+
+    def _choose(self, count: int, skip_nums: set[int], tried: set[int]) -> list[ShareSource]:
+        """Up to `count` sources with distinct share numbers not in `skip_nums`: primaries first,
+        then the fastest. `tried` holds ids of sources already used for this segment."""
+        assert self.sources is not None
+        best: dict[int, ShareSource] = {}
+        for src in self.sources:
+            if src.num in skip_nums or id(src) in tried or src.node.node_id in self.bad_nodes:
+                continue
+            cur = best.get(src.num)
+            if cur is None or src.seconds_per_fetch < cur.seconds_per_fetch:
+                best[src.num] = src
+        ranked = sorted(best.values(), key=lambda s: (s.num >= self.k, s.seconds_per_fetch, s.num))
+        return ranked[:count]
+
+    async def verified_blocks(self, segment: int) -> dict[int, bytes]:
+        """k verified blocks of `segment` keyed by share number."""
+        sources = await self.locate()
+        got: dict[int, bytes] = {}
+        tried: set[int] = set()
+        while len(got) < self.k:
+            chosen = self._choose(self.k - len(got), set(got), tried)
+            if len(chosen) < self.k - len(got):
+                raise self._not_enough(segment, len(got) + len(chosen), sources)
+            tried.update(id(s) for s in chosen)
+            async with trio.open_nursery() as nursery:
+                for src in chosen:
+
+                    async def one(src: ShareSource = src) -> None:
+                        try:
+                            got[src.num] = await self._fetch_block(src, segment)
+                        except NodeError as exc:
+                            self._mark_bad(src.node, exc.reason)
+
+                    nursery.start_soon(one)
+        return got
+
+    def _not_enough(self, segment: int, usable: int, sources: list[ShareSource]) -> NotEnoughSharesError:
+        distinct = len({s.num for s in sources})
+        detail = "; ".join(self.problems[-5:])
+        return NotEnoughSharesError(
+            f"cannot read segment {segment}: need {self.k} good shares, found {distinct} on the grid"
+            f" and only {usable} usable" + (f" ({detail})" if detail else "")
+        )
+
+    # -- plaintext -------------------------------------------------------------------------------
+    async def segment_size(self) -> int:
+        """The file's segment size, read from a verified trailer."""
+        sources = await self.locate()
+        for src in self._choose(self.n, set(), set()):
+            try:
+                with trio.fail_after(BLOCK_DEADLINE):
+                    return (await self._trailer(src)).ueb.segment_size
+            except trio.TooSlowError:
+                self._mark_bad(src.node, "stalled")
+            except NodeError as exc:
+                self._mark_bad(src.node, exc.reason)
+        raise self._not_enough(0, 0, sources)
+
+    async def read_segment(self, segment: int, segment_size: int) -> bytes:
+        """Plaintext of one segment, verified."""
+        if self.key is None:
+            raise TypeError("a verify cap cannot decrypt")
+        blocks = await self.verified_blocks(segment)
+        offset = segment * segment_size
+        length = min(segment_size, self.size - offset)
+        return await trio.to_thread.run_sync(decode_segment, self.key, offset, length, blocks, self.k, self.n)
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Up to `size` verified bytes from `offset` (fewer at end of file)."""
+        parts: list[bytes] = []
+
+        async def sink(data: bytes) -> None:
+            parts.append(data)
+
+        await self.copy_range(sink, offset, offset + size)
+        return b"".join(parts)
+
+    async def copy_range(
+        self, sink: Callable[[bytes], Awaitable[None]], start: int = 0, end: int | None = None
+    ) -> None:
+        """Feed verified bytes [start, end) to `sink` in order, fetching ahead. At most
+        DOWNLOAD_WINDOW_SEGMENTS + 2 segments are in flight or waiting for the sink.
+        Raises NotEnoughSharesError if a segment cannot be read."""
+        end = self.size if end is None else min(end, self.size)
+        if start >= end:
+            return
+        seg_size = await self.segment_size()
+        first, last = start // seg_size, (end - 1) // seg_size
+        send, receive = trio.open_memory_channel[_Slot](DOWNLOAD_WINDOW_SEGMENTS)
+
+        async def fetch(slot: _Slot) -> None:
+            slot.data = await self.read_segment(slot.segment, seg_size)
+            slot.done.set()
+
+        async with trio.open_nursery() as nursery:
+
+            async def produce() -> None:
+                async with send:
+                    for i in range(first, last + 1):
+                        slot = _Slot(i)
+                        nursery.start_soon(fetch, slot)
+                        await send.send(slot)
+
+            nursery.start_soon(produce)
+            async with receive:
+                async for slot in receive:
+                    await slot.done.wait()
+                    data, slot.data = slot.data, b""
+                    seg_start = slot.segment * seg_size
+                    lo = max(start, seg_start) - seg_start
+                    hi = min(end, seg_start + len(data)) - seg_start
+                    await sink(data[lo:hi])
+
+
+class _Slot:
+    """One segment of a sequential read: filled by a fetch task, emptied by the consumer."""
+
+    def __init__(self, segment: int) -> None:
+        self.segment = segment
+        self.data = b""
+        self.done = trio.Event()

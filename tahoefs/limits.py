@@ -1,0 +1,49 @@
+"""Every constant that bounds memory or time, in one place.
+
+Client memory in flight is bounded by these windows; the figures in the comments are for the default
+3-of-10 encoding and 1 MiB segments.
+"""
+
+MiB = 1024 * 1024
+
+# Plaintext bytes per segment. 1 MiB segments cost half the CPU of 128 KiB ones (fewer calls, fewer
+# HTTP chunks) and keep one segment's blocks small enough to hold a few in flight.
+SEGMENT_SIZE = 1 * MiB
+
+# Segments encoded but not yet acknowledged by the share streams during an upload. In-flight bytes are
+# at most UPLOAD_WINDOW_SEGMENTS * SEGMENT_SIZE * n/k (4 * 1 MiB * 10/3 ≈ 13.3 MiB) plus the HTTP
+# client's socket buffers.
+UPLOAD_WINDOW_SEGMENTS = 4
+
+# Segments fetched ahead of the reader during a sequential download: at most this many segments'
+# k blocks (≈ 1 MiB each) plus their decoded plaintext are held at once.
+DOWNLOAD_WINDOW_SEGMENTS = 4
+
+# Files up to this size are kept inside their capability (a literal cap) and touch no node.
+LITERAL_MAX = 56
+
+# Block hashes per chunk of a share's hash list. A reader fetches one chunk (32 B * 4096 = 128 KiB)
+# to verify any block in it; files under 4 GiB at 1 MiB segments have a single chunk.
+HASH_CHUNK_LEAVES = 4096
+
+# First suffix fetched from a share: the footer, the trailer and, for files of up to ~1.5 GiB, every
+# block hash.
+TRAILER_PROBE_BYTES = 64 * 1024
+
+# Upper bound of a share trailer we agree to read (defends against a node claiming a huge trailer).
+MAX_TRAILER_BYTES = 64 * MiB
+
+# Seconds: connecting to a node; a node that does not answer a request (or the next part of a
+# streamed body) within NODE_STALL_TIMEOUT is dropped for this operation.
+NODE_CONNECT_TIMEOUT = 5.0
+NODE_STALL_TIMEOUT = 20.0
+
+# Seconds a download waits for nodes to report which shares they hold, once k distinct shares are
+# known, before it starts with what it has.
+LOCATE_GRACE = 0.25
+
+# Node: refuse new shares when free space would fall below this many bytes.
+NODE_MIN_FREE_BYTES = 64 * MiB
+
+# Node: the largest share or request body accepted.
+NODE_MAX_SHARE_BYTES = 1 << 40

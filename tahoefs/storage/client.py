@@ -1,0 +1,151 @@
+"""HTTP client for one storage node: the only code that speaks the node protocol (docs/protocol.md).
+
+Every method raises NodeError (or a subclass) for any failure: unreachable, timed out, refused, or an
+answer that does not fit the protocol. Responses are read with a bound: a node cannot make the client
+hold more than it asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterable
+from typing import Any
+
+import httpx
+
+from tahoefs.errors import NodeError, NodeFullError
+from tahoefs.formats.hashing import b32encode
+from tahoefs.limits import NODE_STALL_TIMEOUT
+
+CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+MAX_JSON_BYTES = 1024 * 1024
+# A share PUT waits for the node to fsync and commit the whole share before it answers.
+COMMIT_TIMEOUT = 300.0
+
+
+class NodeClient:
+    """Talks to one node. Share the httpx.AsyncClient (its connection pool) among all NodeClients."""
+
+    def __init__(self, http: httpx.AsyncClient, url: str, token: str, node_id: str, name: str) -> None:
+        self.http = http
+        self.url = url.rstrip("/")
+        self.node_id = node_id
+        self.name = name
+        self._auth = {"authorization": f"Bearer {token}"}
+
+    def __repr__(self) -> str:
+        return f"NodeClient({self.name})"
+
+    def _share_url(self, si: bytes, num: int | None = None) -> str:
+        base = f"{self.url}/v1/immutable/{b32encode(si)}"
+        return base if num is None else f"{base}/{num}"
+
+    def _fail(self, what: str, exc: Exception) -> NodeError:
+        if isinstance(exc, NodeError):
+            return exc
+        if isinstance(exc, httpx.TimeoutException):
+            return NodeError(self.name, f"{what}: timed out")
+        if isinstance(exc, httpx.ConnectError):
+            return NodeError(self.name, f"{what}: unreachable")
+        if isinstance(exc, httpx.HTTPError):
+            return NodeError(self.name, f"{what}: {type(exc).__name__}: {exc}".rstrip(": "))
+        return NodeError(self.name, f"{what}: {exc}")
+
+    async def _error_from(self, response: httpx.Response, what: str) -> NodeError:
+        body = b""
+        async for piece in response.aiter_bytes():
+            body += piece
+            if len(body) > 4096:
+                break
+        try:
+            reason = json.loads(body)["error"]
+        except (ValueError, KeyError, TypeError):
+            reason = body[:200].decode("utf-8", "replace") or response.reason_phrase
+        message = f"{what}: HTTP {response.status_code} {reason}"
+        if response.status_code == 507:
+            return NodeFullError(self.name, message)
+        return NodeError(self.name, message)
+
+    async def _get_json(self, url: str, what: str) -> Any:
+        try:
+            async with self.http.stream("GET", url, headers=self._auth) as response:
+                if response.status_code != 200:
+                    raise await self._error_from(response, what)
+                body = await _read_bounded(response, MAX_JSON_BYTES, self.name)
+            return json.loads(body)
+        except (httpx.HTTPError, ValueError) as exc:
+            raise self._fail(what, exc) from None
+
+    async def version(self) -> dict[str, Any]:
+        data = await self._get_json(f"{self.url}/v1/version", "version")
+        if not isinstance(data, dict):
+            raise NodeError(self.name, "version: not a JSON object")
+        return data
+
+    async def list_shares(self, si: bytes) -> list[int]:
+        data = await self._get_json(self._share_url(si), "list shares")
+        shares = data.get("shares") if isinstance(data, dict) else None
+        if not isinstance(shares, list) or not all(isinstance(n, int) and 0 <= n < 256 for n in shares):
+            raise NodeError(self.name, "list shares: malformed answer")
+        return shares
+
+    async def put_share(self, si: bytes, num: int, body: AsyncIterable[bytes], delete_secret: bytes) -> None:
+        """Stream a whole share; returns once the node has committed it durably."""
+        headers = {**self._auth, "x-tahoefs-delete-secret": delete_secret.hex()}
+        timeout = httpx.Timeout(NODE_STALL_TIMEOUT, read=COMMIT_TIMEOUT)
+        try:
+            async with self.http.stream(
+                "PUT", self._share_url(si, num), content=body, headers=headers, timeout=timeout
+            ) as response:
+                if response.status_code != 201:
+                    raise await self._error_from(response, f"store share {num}")
+        except (httpx.HTTPError, OSError) as exc:
+            raise self._fail(f"store share {num}", exc) from None
+
+    async def read_range(self, si: bytes, num: int, start: int, length: int) -> bytes:
+        """Exactly `length` bytes of share `num` from byte `start`, or NodeError."""
+        if length == 0:
+            return b""
+        data, _total = await self._ranged(si, num, f"bytes={start}-{start + length - 1}", length)
+        if len(data) != length:
+            raise NodeError(self.name, f"read share {num}: short answer ({len(data)} of {length} bytes)")
+        return data
+
+    async def read_suffix(self, si: bytes, num: int, length: int) -> tuple[bytes, int]:
+        """The last `length` bytes of share `num` (fewer if the share is shorter) and the share's size."""
+        return await self._ranged(si, num, f"bytes=-{length}", length)
+
+    async def _ranged(self, si: bytes, num: int, range_header: str, limit: int) -> tuple[bytes, int]:
+        what = f"read share {num}"
+        try:
+            async with self.http.stream(
+                "GET", self._share_url(si, num), headers={**self._auth, "range": range_header}
+            ) as response:
+                if response.status_code != 206:
+                    raise await self._error_from(response, what)
+                m = CONTENT_RANGE_RE.match(response.headers.get("content-range", ""))
+                if not m:
+                    raise NodeError(self.name, f"{what}: missing or malformed Content-Range")
+                data = await _read_bounded(response, limit, self.name)
+                return data, int(m.group(3))
+        except (httpx.HTTPError, OSError) as exc:
+            raise self._fail(what, exc) from None
+
+    async def delete_share(self, si: bytes, num: int, delete_secret: bytes) -> None:
+        headers = {**self._auth, "x-tahoefs-delete-secret": delete_secret.hex()}
+        try:
+            response = await self.http.delete(self._share_url(si, num), headers=headers)
+        except httpx.HTTPError as exc:
+            raise self._fail(f"delete share {num}", exc) from None
+        if response.status_code not in (200, 404):
+            raise NodeError(self.name, f"delete share {num}: HTTP {response.status_code}")
+
+
+async def _read_bounded(response: httpx.Response, limit: int, name: str) -> bytes:
+    buf = bytearray()
+    async for piece in response.aiter_raw():
+        buf += piece
+        if len(buf) > limit:
+            raise NodeError(name, f"answer larger than the {limit} bytes asked for")
+    return bytes(buf)

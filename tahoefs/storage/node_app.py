@@ -1,0 +1,209 @@
+"""The storage node's HTTP API as a raw ASGI application (served by uvicorn; see docs/protocol.md).
+
+Every request must carry `Authorization: Bearer TOKEN`. Every path segment is checked against a strict
+pattern before it touches the disk. Errors are `{"error": reason}` with a 4xx/5xx status.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tahoefs import __version__
+from tahoefs.formats.share import FOOTER_SIZE, unpack_footer
+from tahoefs.limits import NODE_MAX_SHARE_BYTES
+from tahoefs.storage.store import (
+    NODE_HEADER_SIZE,
+    ShareStore,
+    StoreError,
+    check_secret,
+    check_share_num,
+    check_storage_index,
+)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+READ_CHUNK = 256 * 1024
+RANGE_RE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
+API_VERSION = 1
+
+
+def parse_range(header: str | None, length: int) -> tuple[int, int] | None:
+    """(start, end exclusive) for a single-range `Range` header, None for no header.
+    Raises StoreError(416) for a malformed or unsatisfiable range."""
+    if header is None:
+        return None
+    m = RANGE_RE.match(header.strip())
+    if not m or (m.group(1) == "" and m.group(2) == ""):
+        raise StoreError(416, "malformed Range (one 'bytes=a-b' range expected)")
+    first, last = m.group(1), m.group(2)
+    if first == "":  # suffix: the last N bytes
+        n = int(last)
+        if n == 0:
+            raise StoreError(416, "empty suffix range")
+        return max(0, length - n), length
+    start = int(first)
+    end = length if last == "" else min(int(last) + 1, length)
+    if start >= length or end <= start:
+        raise StoreError(416, f"range not satisfiable (share is {length} bytes)")
+    return start, end
+
+
+class NodeApp:
+    """ASGI callable. One instance per node process."""
+
+    def __init__(
+        self, store: ShareStore, token: str, node_id: str, max_share_bytes: int = NODE_MAX_SHARE_BYTES
+    ):
+        self.store = store
+        self._token = token.encode()
+        self.node_id = node_id
+        self.max_share_bytes = max_share_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            self._authorize(headers)
+            await self._route(scope, headers, receive, send)
+        except StoreError as exc:
+            await _send_json(send, exc.status, {"error": exc.reason})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _authorize(self, headers: dict[str, str]) -> None:
+        value = headers.get("authorization", "")
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._token):
+            raise StoreError(401, "missing or wrong access token")
+
+    async def _route(self, scope: Scope, headers: dict[str, str], receive: Receive, send: Send) -> None:
+        method = scope["method"]
+        parts = scope["path"].split("/")
+        # "/v1/immutable/SI/N" -> ["", "v1", "immutable", "SI", "N"]
+        if len(parts) < 3 or parts[0] != "" or parts[1] != f"v{API_VERSION}":
+            raise StoreError(404, "unknown path")
+        if parts[2:] == ["version"] and method == "GET":
+            await self._version(send)
+            return
+        if parts[2] != "immutable" or len(parts) not in (4, 5):
+            raise StoreError(404, "unknown path")
+        si = check_storage_index(parts[3])
+        if len(parts) == 4:
+            if method != "GET":
+                raise StoreError(405, "method not allowed")
+            await _send_json(send, 200, {"shares": self.store.list_shares(si)})
+            return
+        num = check_share_num(parts[4])
+        if method == "GET":
+            await self._read_share(si, num, headers, send)
+        elif method == "PUT":
+            await self._write_share(si, num, headers, receive, send)
+        elif method == "DELETE":
+            self.store.delete(si, num, check_secret(headers.get("x-tahoefs-delete-secret")))
+            await _send_json(send, 200, {"deleted": True})
+        else:
+            raise StoreError(405, "method not allowed")
+
+    async def _version(self, send: Send) -> None:
+        await _send_json(
+            send,
+            200,
+            {
+                "api": API_VERSION,
+                "software": f"tahoefs {__version__}",
+                "node_id": self.node_id,
+                "free_bytes": max(0, self.store.free_bytes() - self.store.min_free_bytes),
+                "total_bytes": self.store.total_bytes(),
+                "shares": self.store.share_count,
+                "share_bytes": self.store.share_bytes,
+                "max_share_bytes": self.max_share_bytes,
+            },
+        )
+
+    async def _write_share(
+        self, si: str, num: int, headers: dict[str, str], receive: Receive, send: Send
+    ) -> None:
+        secret = check_secret(headers.get("x-tahoefs-delete-secret"))
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit() or int(declared) > self.max_share_bytes:
+                raise StoreError(413, "share is larger than this node accepts")
+            self.store.check_space(int(declared))
+        with self.store.receive(si, num, secret) as incoming:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return  # client went away: the temp file is discarded, nothing is visible
+                incoming.write(message.get("body", b""), self.max_share_bytes)
+                if not message.get("more_body", False):
+                    break
+
+            def check_tail(tail: bytes) -> None:
+                if len(tail) < FOOTER_SIZE:
+                    raise StoreError(400, "body too short to be a share")
+                try:
+                    footer_num, _ = unpack_footer(tail[-FOOTER_SIZE:])
+                except ValueError as exc:
+                    raise StoreError(400, f"body is not a complete share: {exc}") from None
+                if footer_num != num:
+                    raise StoreError(400, "share footer names another share number")
+
+            incoming.commit(check_tail)
+        await _send_json(send, 201, {"stored": incoming.length})
+
+    async def _read_share(self, si: str, num: int, headers: dict[str, str], send: Send) -> None:
+        fd, length = self.store.open_share(si, num)
+        try:
+            span = parse_range(headers.get("range"), length)
+            start, end = span if span is not None else (0, length)
+            response_headers = [
+                (b"content-type", b"application/octet-stream"),
+                (b"content-length", str(end - start).encode()),
+                (b"accept-ranges", b"bytes"),
+            ]
+            if span is not None:
+                response_headers.append((b"content-range", f"bytes {start}-{end - 1}/{length}".encode()))
+            await send(
+                {"type": "http.response.start", "status": 206 if span else 200, "headers": response_headers}
+            )
+            pos = start
+            while pos < end:
+                chunk = os.pread(fd, min(READ_CHUNK, end - pos), NODE_HEADER_SIZE + pos)
+                if not chunk:
+                    break
+                pos += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": pos < end})
+            if start == end:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            os.close(fd)
+
+
+async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
+    body = json.dumps(payload).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,230 @@
+"""The node's share store on local disk.
+
+    DIR/node.json                  node id and access token (mode 0600)
+    DIR/shares/AB/SI/N             committed share N of storage index SI (AB = first two characters)
+    DIR/incoming/RANDOM.tmp        shares being received; never readable; wiped at start
+
+A stored share file is a 64-byte node header (magic, hash of the delete secret) followed by the share
+bytes exactly as the client sent them. A share becomes visible only by `link()` of a complete, fsynced
+temp file into its final name, so a reader never sees a partial share, and an existing share is never
+overwritten. All names come from strict regexes, so no request can reach outside DIR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import shutil
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tahoefs.limits import NODE_MIN_FREE_BYTES
+
+STORAGE_INDEX_RE = re.compile(r"^[a-z2-7]{26}$")
+SHARE_NUM_RE = re.compile(r"^(0|[1-9][0-9]{0,2})$")
+NODE_HEADER_FORMAT = ">8sI32s20s"
+NODE_HEADER_MAGIC = b"TFNODESH"
+NODE_HEADER_SIZE = struct.calcsize(NODE_HEADER_FORMAT)  # 64
+MAX_SHARE_NUM = 255
+
+
+class StoreError(Exception):
+    """A request the store refuses; `status` is the HTTP status the app answers with."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def check_storage_index(text: str) -> str:
+    if not STORAGE_INDEX_RE.match(text):
+        raise StoreError(400, "malformed storage index (26 base32 characters expected)")
+    return text
+
+
+def check_share_num(text: str) -> int:
+    if not SHARE_NUM_RE.match(text) or int(text) > MAX_SHARE_NUM:
+        raise StoreError(400, "malformed share number (0..255 expected)")
+    return int(text)
+
+
+def check_secret(text: str | None) -> bytes:
+    if text is None or not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise StoreError(400, "missing or malformed delete secret (64 hex digits expected)")
+    return bytes.fromhex(text)
+
+
+def secret_digest(secret: bytes) -> bytes:
+    return hashlib.sha256(b"tahoefs:node-delete-secret:v1:" + secret).digest()
+
+
+@dataclass
+class NodeIdentity:
+    node_id: str
+    token: str
+
+
+def load_or_create_identity(root: Path) -> NodeIdentity:
+    """Read DIR/node.json, creating it with a fresh id and token the first time."""
+    path = root / "node.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        return NodeIdentity(data["node_id"], data["token"])
+    identity = NodeIdentity(secrets.token_hex(16), secrets.token_urlsafe(32))
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"node_id": identity.node_id, "token": identity.token}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return identity
+
+
+class ShareStore:
+    """Committed shares on disk plus the counters a status page wants."""
+
+    def __init__(self, root: Path, min_free_bytes: int = NODE_MIN_FREE_BYTES) -> None:
+        self.root = root
+        self.shares_dir = root / "shares"
+        self.incoming_dir = root / "incoming"
+        self.min_free_bytes = min_free_bytes
+        self.shares_dir.mkdir(parents=True, exist_ok=True)
+        if self.incoming_dir.exists():
+            shutil.rmtree(self.incoming_dir)  # abandoned partial uploads from a previous run
+        self.incoming_dir.mkdir()
+        self.share_count, self.share_bytes = self._count()
+
+    def _count(self) -> tuple[int, int]:
+        count = total = 0
+        for path in self.shares_dir.glob("*/*/*"):
+            count += 1
+            total += path.stat().st_size - NODE_HEADER_SIZE
+        return count, total
+
+    def share_path(self, si: str, num: int) -> Path:
+        return self.shares_dir / si[:2] / si / str(num)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def total_bytes(self) -> int:
+        return shutil.disk_usage(self.root).total
+
+    def check_space(self, more: int = 0) -> None:
+        if self.free_bytes() - more < self.min_free_bytes:
+            raise StoreError(507, "node is nearly full")
+
+    def list_shares(self, si: str) -> list[int]:
+        folder = self.shares_dir / si[:2] / si
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return []
+        return sorted(int(n) for n in names if SHARE_NUM_RE.match(n))
+
+    def open_share(self, si: str, num: int) -> tuple[int, int]:
+        """Open a committed share: (fd positioned at share byte 0's file offset, share length).
+        Raises StoreError(404)."""
+        try:
+            fd = os.open(self.share_path(si, num), os.O_RDONLY)
+        except FileNotFoundError:
+            raise StoreError(404, "no such share") from None
+        length = os.fstat(fd).st_size - NODE_HEADER_SIZE
+        return fd, length
+
+    @contextlib.contextmanager
+    def receive(self, si: str, num: int, secret: bytes) -> Iterator[IncomingShare]:
+        """A temp file to stream a new share into. Commit with `incoming.commit()`; leaving the block
+        without commit (error, disconnect) deletes the temp file."""
+        if self.share_path(si, num).exists():
+            raise StoreError(409, "share already exists")
+        self.check_space()
+        incoming = IncomingShare(self, si, num, secret)
+        try:
+            yield incoming
+        finally:
+            incoming.discard()
+
+    def delete(self, si: str, num: int, secret: bytes) -> None:
+        """Remove a share if `secret` is the one given at upload. Raises StoreError(404/403)."""
+        path = self.share_path(si, num)
+        try:
+            with open(path, "rb") as f:
+                header = f.read(NODE_HEADER_SIZE)
+        except FileNotFoundError:
+            raise StoreError(404, "no such share") from None
+        _magic, _version, digest, _pad = struct.unpack(NODE_HEADER_FORMAT, header)
+        if not hmac.compare_digest(digest, secret_digest(secret)):
+            raise StoreError(403, "wrong delete secret")
+        size = path.stat().st_size - NODE_HEADER_SIZE
+        path.unlink()
+        self.share_count -= 1
+        self.share_bytes -= size
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # only succeeds when no share of this SI is left
+
+
+class IncomingShare:
+    """One share being received into DIR/incoming."""
+
+    SPACE_CHECK_EVERY = 64 * 1024 * 1024
+
+    def __init__(self, store: ShareStore, si: str, num: int, secret: bytes) -> None:
+        self.store = store
+        self.si = si
+        self.num = num
+        self.tmp_path = store.incoming_dir / f"{si}.{num}.{secrets.token_hex(8)}.tmp"
+        self.file = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in commit/discard
+        self.file.write(struct.pack(NODE_HEADER_FORMAT, NODE_HEADER_MAGIC, 1, secret_digest(secret), b""))
+        self.length = 0
+        self._since_check = 0
+        self.committed = False
+
+    def write(self, data: bytes, max_length: int) -> None:
+        self.length += len(data)
+        if self.length > max_length:
+            raise StoreError(413, "share is larger than this node accepts")
+        self._since_check += len(data)
+        if self._since_check >= self.SPACE_CHECK_EVERY:
+            self._since_check = 0
+            self.store.check_space()
+        self.file.write(data)
+
+    def commit(self, check_tail) -> None:
+        """fsync and publish the share atomically. `check_tail(last_bytes)` may veto it first."""
+        self.file.flush()
+        tail_len = min(self.length, 64)
+        with open(self.tmp_path, "rb") as f:
+            f.seek(NODE_HEADER_SIZE + self.length - tail_len)
+            check_tail(f.read(tail_len))
+        os.fsync(self.file.fileno())
+        self.file.close()
+        final = self.store.share_path(self.si, self.num)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(self.tmp_path, final)
+        except FileExistsError:
+            raise StoreError(409, "share already exists") from None
+        dir_fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self.committed = True
+        self.store.share_count += 1
+        self.store.share_bytes += self.length
+
+    def discard(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp_path.unlink()
