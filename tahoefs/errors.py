@@ -12,6 +12,9 @@ exit code + one line in the CLI, errno in the FUSE layer.
             └── IntegrityError   data from a node failed verification
 """
 
+import contextlib
+from collections.abc import Iterator
+
 
 class TahoefsError(Exception):
     """Base of every error tahoefs raises on purpose."""
@@ -56,3 +59,35 @@ class NodeFullError(NodeError):
 
 class IntegrityError(NodeError):
     """Bytes from a node did not match the hashes pinned by the capability."""
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def most_telling(exc: BaseException) -> BaseException:
+    """The one error to report out of an exception group from a trio nursery: a KeyboardInterrupt, else
+    the first TahoefsError, else the first error that is not a cancellation; `exc` itself if not a group."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves = _leaves(exc)
+    for kind in (KeyboardInterrupt, TahoefsError):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    for leaf in leaves:
+        if type(leaf).__name__ != "Cancelled":
+            return leaf
+    return exc
+
+
+@contextlib.contextmanager
+def ungrouped() -> Iterator[None]:
+    """Re-raise an exception group escaping the block as its most telling member, so callers of the
+    grid layer see one typed error, never a trio ExceptionGroup."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        raise most_telling(group) from group

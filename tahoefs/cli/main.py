@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="address (default 127.0.0.1:0)"
     )
+    p.add_argument(
+        "--reserve-mib", type=int, default=None, help="refuse shares when free space falls below this"
+    )
+    p.add_argument("--max-share-mib", type=int, default=None, help="largest share accepted (default 1 TiB)")
 
     g = sub.add_parser("grid", parents=[common], help="manage the local grid and the grid file")
     gsub = g.add_subparsers(dest="grid_command", metavar="ACTION", parser_class=_Parser)
@@ -69,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_node(args: argparse.Namespace) -> int:
     from tahoefs.storage.node_main import run_node
 
-    run_node(args.dir, args.listen)
+    mib = 1024 * 1024
+    run_node(
+        args.dir,
+        args.listen,
+        min_free_bytes=None if args.reserve_mib is None else args.reserve_mib * mib,
+        max_share_bytes=None if args.max_share_mib is None else args.max_share_mib * mib,
+    )
     return EXIT_OK
 
 

@@ -180,6 +180,8 @@ def unpack_footer(data: bytes) -> tuple[int, int]:
     magic, share_num, _reserved, ueb_len = struct.unpack(FOOTER_FORMAT, data)
     if magic != FOOTER_MAGIC:
         raise ValueError("not a tahoefs share (bad footer magic)")
+    if _reserved != 0:
+        raise ValueError("footer reserved field is not zero")
     if ueb_len != UEB_SIZE:
         raise ValueError("unsupported UEB length")
     return share_num, ueb_len

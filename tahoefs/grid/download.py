@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import trio
 
-from tahoefs.errors import IntegrityError, NodeError, NotEnoughSharesError
+from tahoefs.errors import IntegrityError, NodeError, NotEnoughSharesError, ungrouped
 from tahoefs.formats.caps import FileCap, VerifyCap
 from tahoefs.formats.codec import block_hash, decode_segment
 from tahoefs.formats.hashing import HASH_SIZE
@@ -199,7 +199,7 @@ class FileReader:
             if len(chosen) < self.k - len(got):
                 raise self._not_enough(segment, len(got) + len(chosen), sources)
             tried.update(id(s) for s in chosen)
-            async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as nursery:  # the tasks catch their own errors
                 for src in chosen:
 
                     async def one(src: ShareSource = src) -> None:
@@ -269,24 +269,25 @@ class FileReader:
             slot.data = await self.read_segment(slot.segment, seg_size)
             slot.done.set()
 
-        async with trio.open_nursery() as nursery:
+        with ungrouped():
+            async with trio.open_nursery() as nursery:
 
-            async def produce() -> None:
-                async with send:
-                    for i in range(first, last + 1):
-                        slot = _Slot(i)
-                        nursery.start_soon(fetch, slot)
-                        await send.send(slot)
+                async def produce() -> None:
+                    async with send:
+                        for i in range(first, last + 1):
+                            slot = _Slot(i)
+                            nursery.start_soon(fetch, slot)
+                            await send.send(slot)
 
-            nursery.start_soon(produce)
-            async with receive:
-                async for slot in receive:
-                    await slot.done.wait()
-                    data, slot.data = slot.data, b""
-                    seg_start = slot.segment * seg_size
-                    lo = max(start, seg_start) - seg_start
-                    hi = min(end, seg_start + len(data)) - seg_start
-                    await sink(data[lo:hi])
+                nursery.start_soon(produce)
+                async with receive:
+                    async for slot in receive:
+                        await slot.done.wait()
+                        data, slot.data = slot.data, b""
+                        seg_start = slot.segment * seg_size
+                        lo = max(start, seg_start) - seg_start
+                        hi = min(end, seg_start + len(data)) - seg_start
+                        await sink(data[lo:hi])
 
 
 class _Slot:

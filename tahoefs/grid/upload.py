@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from tahoefs.errors import GridFullError, NodeError, NodeFullError, UploadUnhappyError
+from tahoefs.errors import GridFullError, NodeError, NodeFullError, UploadUnhappyError, ungrouped
 from tahoefs.formats.caps import FileCap, LiteralCap
 from tahoefs.formats.codec import encode_segment
 from tahoefs.formats.hashing import storage_index_for_key
@@ -220,17 +220,8 @@ class _Upload:
         self._assign_initial()
         self._check_still_happy()
         try:
-            async with trio.open_nursery() as nursery:
-                for share in self.shares:
-                    if share.node is not None:
-                        nursery.start_soon(self._write_share, share)
-                    else:
-                        self.senders[share.num].close()
-                try:
-                    size = await self._produce(source, first)
-                except BaseException:
-                    nursery.cancel_scope.cancel()
-                    raise
+            with ungrouped():
+                await self._stream_all(source, first)
             holders = {s.node.node_id for s in self.shares if s.committed and s.node is not None}
             if len(holders) < self.happy:
                 raise self._unhappy()
@@ -241,7 +232,21 @@ class _Upload:
         finally:
             for f in self.leaf_files:
                 f.close()
-        return FileCap(self.key, self._ueb.hash(), self.k, self.n, size)
+        return FileCap(self.key, self._ueb.hash(), self.k, self.n, self._size)
+
+    async def _stream_all(self, source: ByteSource, first: bytes) -> None:
+        """Run the producer and the n share writers until every share committed or failed."""
+        async with trio.open_nursery() as nursery:
+            for share in self.shares:
+                if share.node is not None:
+                    nursery.start_soon(self._write_share, share)
+                else:
+                    self.senders[share.num].close()
+            try:
+                self._size = await self._produce(source, first)
+            except BaseException:
+                nursery.cancel_scope.cancel()
+                raise
 
     async def _delete_committed(self) -> None:
         """Best effort: an upload that failed leaves no shares behind."""

@@ -22,7 +22,9 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def run_node(directory: Path, listen: str, min_free_bytes: int | None = None) -> None:
+def run_node(
+    directory: Path, listen: str, min_free_bytes: int | None = None, max_share_bytes: int | None = None
+) -> None:
     """Serve the share store in `directory` until SIGINT/SIGTERM. Prints `url:` and `token:` lines on
     stdout and writes DIR/url once the socket is bound. Raises UsageError for a bad address or folder."""
     host, port = parse_listen(listen)
@@ -48,7 +50,12 @@ def run_node(directory: Path, listen: str, min_free_bytes: int | None = None) ->
     print(f"url: {url}", flush=True)
     print(f"token: {identity.token}", flush=True)
     print(f"node_id: {identity.node_id}", flush=True)
-    app = NodeApp(store, identity.token, identity.node_id)
+    app = NodeApp(
+        store,
+        identity.token,
+        identity.node_id,
+        **({} if max_share_bytes is None else {"max_share_bytes": max_share_bytes}),
+    )
     config = uvicorn.Config(
         app,
         http="httptools",

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.localgrid import LocalGrid
+
+
+@pytest.fixture(scope="module")
+def module_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGrid]:
+    """A 10-node local grid shared by the tests of one module; stopped at the end, even on failure."""
+    grid = LocalGrid(tmp_path_factory.mktemp("home"))
+    try:
+        grid.up(10)
+        yield grid
+    finally:
+        grid.run("grid", "down")
+
+
+@pytest.fixture
+def grid(module_grid: LocalGrid) -> LocalGrid:
+    """The module's grid with every node running at the start of the test."""
+    module_grid.up()
+    return module_grid
+
+
+@pytest.fixture
+def fresh_home(tmp_path: Path) -> Iterator[LocalGrid]:
+    """A TAHOEFS_HOME of its own, for tests that build an odd grid; its nodes are stopped at the end."""
+    grid = LocalGrid(tmp_path / "home")
+    try:
+        yield grid
+    finally:
+        grid.run("grid", "down")
