@@ -389,7 +389,9 @@ def test_b32decode_rejects_characters_outside_the_alphabet(text: str) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.one_of(st.text(max_size=20), st.text(alphabet="abcdefghijklmnopqrstuvwxyz234567=AB01 ", max_size=20)))
+@given(
+    st.one_of(st.text(max_size=20), st.text(alphabet="abcdefghijklmnopqrstuvwxyz234567=AB01 ", max_size=20))
+)
 def test_b32decode_accepts_exactly_the_canonical_encodings(text: str) -> None:
     try:
         data = b32decode(text)

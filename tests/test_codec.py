@@ -99,7 +99,9 @@ def test_encode_segment_primary_blocks_are_the_padded_ciphertext(key, offset, pl
 
 
 def test_encode_segment_is_deterministic() -> None:
-    assert encode_segment(KEY, 32, b"hello world" * 10, 3, 7) == encode_segment(KEY, 32, b"hello world" * 10, 3, 7)
+    assert encode_segment(KEY, 32, b"hello world" * 10, 3, 7) == encode_segment(
+        KEY, 32, b"hello world" * 10, 3, 7
+    )
 
 
 def test_block_hash_is_tagged_and_tells_blocks_apart() -> None:

@@ -1,0 +1,203 @@
+"""The storage node as a real process: its API refuses bad input cleanly and never exposes partial shares."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tahoefs.formats.share import pack_footer
+
+SI = "a" * 26
+SECRET = "ab" * 32
+
+
+@dataclass
+class Node:
+    proc: subprocess.Popen[bytes]
+    url: str
+    token: str
+    dir: Path
+
+    def client(self, token: str | None = "") -> httpx.Client:
+        headers = {} if token is None else {"authorization": f"Bearer {token or self.token}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=10, trust_env=False)
+
+
+def start_node(directory: Path, *extra: str) -> Node:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tahoefs", "node", "--dir", str(directory), "--listen", "127.0.0.1:0", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    fields = {}
+    for _ in range(3):
+        key, _, value = proc.stdout.readline().decode().strip().partition(": ")
+        fields[key] = value
+    return Node(proc, fields["url"], fields["token"], directory)
+
+
+def stop_node(node: Node) -> None:
+    node.proc.send_signal(signal.SIGTERM)
+    try:
+        node.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        node.proc.kill()
+        node.proc.wait()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    n = start_node(tmp_path / "node")
+    try:
+        yield n
+    finally:
+        stop_node(n)
+
+
+def a_share(num: int, body: bytes = b"x" * 1000) -> bytes:
+    return body + pack_footer(num)
+
+
+def put(
+    client: httpx.Client, content: bytes, si: str = SI, num: int = 0, secret: str = SECRET
+) -> httpx.Response:
+    return client.put(
+        f"/v1/immutable/{si}/{num}", content=content, headers={"x-tahoefs-delete-secret": secret}
+    )
+
+
+def test_node_prints_url_and_token_and_answers_version(node: Node) -> None:
+    with node.client() as c:
+        info = c.get("/v1/version").json()
+    assert info["api"] == 1 and info["shares"] == 0 and info["free_bytes"] > 0
+
+
+@pytest.mark.parametrize("token", [None, "wrong", "x" * 43])
+def test_requests_without_the_right_token_are_refused(node: Node, token: str | None) -> None:
+    with httpx.Client(base_url=node.url, timeout=10, trust_env=False) as c:
+        headers = {} if token is None else {"authorization": f"Bearer {token}"}
+        for method, path in [
+            ("GET", "/v1/version"),
+            ("GET", f"/v1/immutable/{SI}"),
+            ("PUT", f"/v1/immutable/{SI}/0"),
+        ]:
+            r = c.request(method, path, headers=headers, content=b"")
+            assert r.status_code == 401, (method, path)
+            assert r.json()["error"]
+
+
+def test_store_read_list_and_delete_a_share(node: Node) -> None:
+    share = a_share(3, os.urandom(5000))
+    with node.client() as c:
+        assert put(c, share, num=3).status_code == 201
+        assert c.get(f"/v1/immutable/{SI}").json() == {"shares": [3]}
+        assert c.get(f"/v1/immutable/{SI}/3").content == share
+        r = c.get(f"/v1/immutable/{SI}/3", headers={"range": "bytes=10-19"})
+        assert r.status_code == 206 and r.content == share[10:20]
+        assert r.headers["content-range"] == f"bytes 10-19/{len(share)}"
+        r = c.get(f"/v1/immutable/{SI}/3", headers={"range": "bytes=-16"})
+        assert r.content == share[-16:]
+        assert put(c, share, num=3).status_code == 409  # never overwritten
+        bad = c.delete(f"/v1/immutable/{SI}/3", headers={"x-tahoefs-delete-secret": "cd" * 32})
+        assert bad.status_code == 403
+        ok = c.delete(f"/v1/immutable/{SI}/3", headers={"x-tahoefs-delete-secret": SECRET})
+        assert ok.status_code == 200
+        assert c.get(f"/v1/immutable/{SI}").json() == {"shares": []}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/immutable/../../etc/passwd",
+        "/v1/immutable/%2e%2e%2f%2e%2e%2fetc/0",
+        f"/v1/immutable/{SI}/../../node.json",
+        "/v1/immutable/AAAAAAAAAAAAAAAAAAAAAAAAAA/0",
+        f"/v1/immutable/{SI}/256",
+        f"/v1/immutable/{SI}/01",
+        f"/v1/immutable/{SI}/-1",
+        f"/v1/immutable/{SI[:-1]}/0",
+        "/v1/node.json",
+        "/v2/version",
+        "/",
+    ],
+)
+def test_path_tricks_get_a_clean_4xx(node: Node, path: str) -> None:
+    with node.client() as c:
+        r = c.get(path)
+    assert 400 <= r.status_code < 500
+    assert "token" not in r.text and node.token not in r.text
+
+
+def test_truncated_or_foreign_bodies_are_refused_and_never_visible(node: Node) -> None:
+    with node.client() as c:
+        assert put(c, b"not a share at all").status_code == 400
+        assert put(c, a_share(4), num=5).status_code == 400  # footer names another share
+        assert put(c, a_share(0)[:-3]).status_code == 400  # cut short
+        assert put(c, a_share(0), secret="nothex").status_code == 400
+        assert c.get(f"/v1/immutable/{SI}").json() == {"shares": []}
+    assert list((node.dir / "incoming").iterdir()) == []
+
+
+def test_bad_ranges_get_416(node: Node) -> None:
+    with node.client() as c:
+        put(c, a_share(0))
+        for header in ["bytes=5000-6000", "bytes=abc", "bytes=1-2,5-6", "bytes=-0", "items=0-1"]:
+            assert c.get(f"/v1/immutable/{SI}/0", headers={"range": header}).status_code == 416, header
+
+
+def test_a_client_that_disconnects_mid_upload_leaves_nothing(node: Node) -> None:
+    host, port = node.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(
+            f"PUT /v1/immutable/{SI}/0 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {node.token}\r\n"
+            f"x-tahoefs-delete-secret: {SECRET}\r\nContent-Length: 100000\r\n\r\n".encode()
+            + b"y" * 50000
+        )
+        time.sleep(0.3)
+    time.sleep(0.3)
+    with node.client() as c:
+        assert c.get(f"/v1/immutable/{SI}").json() == {"shares": []}
+    assert list((node.dir / "incoming").iterdir()) == []
+
+
+def test_oversized_shares_get_413(tmp_path: Path) -> None:
+    n = start_node(tmp_path / "small", "--max-share-mib", "1")
+    try:
+        with n.client() as c:
+            r = put(c, a_share(0, b"z" * (2 * 1024 * 1024)))
+            assert r.status_code == 413
+            assert c.get(f"/v1/immutable/{SI}").json() == {"shares": []}
+    finally:
+        stop_node(n)
+
+
+def test_a_nearly_full_node_answers_507_before_taking_data(tmp_path: Path) -> None:
+    n = start_node(tmp_path / "full", "--reserve-mib", str(1 << 30))  # reserve 1 PiB: always "full"
+    try:
+        with n.client() as c:
+            assert put(c, a_share(0)).status_code == 507
+            assert c.get("/v1/version").json()["free_bytes"] == 0
+    finally:
+        stop_node(n)
+
+
+def test_restart_wipes_abandoned_temp_files(tmp_path: Path) -> None:
+    n = start_node(tmp_path / "n")
+    stop_node(n)
+    (tmp_path / "n" / "incoming" / "leftover.tmp").write_bytes(b"partial")
+    n = start_node(tmp_path / "n")
+    try:
+        assert list((tmp_path / "n" / "incoming").iterdir()) == []
+    finally:
+        stop_node(n)
