@@ -90,7 +90,7 @@ def _b32_field(text: str, name: str, length: int | None) -> bytes:
 
 
 def _int_field(text: str, name: str, lo: int, hi: int) -> int:
-    if not text.isdigit() or (len(text) > 1 and text[0] == "0") or len(text) > 20:
+    if not (text.isascii() and text.isdigit()) or (len(text) > 1 and text[0] == "0") or len(text) > 20:
         raise BadCapError(f"malformed capability: the {name} field is not a number")
     value = int(text)
     if not lo <= value <= hi:
