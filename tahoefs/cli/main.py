@@ -117,10 +117,10 @@ def _print_status(rows: list[dict[str, object]]) -> None:
         mb = f"{r['bytes'] / 1e6:.1f}" if isinstance(r["bytes"], int) else "-"
         free = f"{r['free_bytes'] / 1e9:.1f}" if isinstance(r["free_bytes"], int) else "-"
         state = "running" if r["running"] else "stopped"
-        print(
-            f"{r['index']:>3} {r['url']!s:<24} {state:<8} {r['pid'] or '-'!s:>7} {r['shares'] if r['shares'] is not None else '-'!s:>7}"
-            f" {mb:>9} {free:>8}  {r['dir']}"
-        )
+        pid = r["pid"] or "-"
+        shares = "-" if r["shares"] is None else r["shares"]
+        url = str(r["url"])
+        print(f"{r['index']:>3} {url:<24} {state:<8} {pid!s:>7} {shares!s:>7} {mb:>9} {free:>8}  {r['dir']}")
 
 
 def _grid_add(args: argparse.Namespace) -> None:
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.debug:
             traceback.print_exc()
         print(
-            f"tahoefs {args.command}: internal error: {type(exc).__name__}: {exc} (run with --debug for details)",
+            f"tahoefs {args.command}: internal error: {type(exc).__name__}: {exc} (--debug shows details)",
             file=sys.stderr,
         )
         code = EXIT_FAILED

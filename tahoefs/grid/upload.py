@@ -88,7 +88,7 @@ class _Upload:
         self.progress = progress
         self.shares = [ShareUpload(j) for j in range(self.n)]
         self.failures: list[NodeError] = []
-        self.leaf_files = [tempfile.SpooledTemporaryFile(LEAF_SPOOL_MEMORY) for _ in range(self.n)]
+        self.leaf_files = [tempfile.SpooledTemporaryFile(LEAF_SPOOL_MEMORY) for _ in range(self.n)]  # noqa: SIM115
         self.hashers = [ChunkedLeafHasher(HASH_CHUNK_LEAVES) for _ in range(self.n)]
         channels = [trio.open_memory_channel[object](UPLOAD_WINDOW_SEGMENTS) for _ in range(self.n)]
         self.senders = [s for s, _ in channels]
@@ -177,10 +177,9 @@ class _Upload:
             if share.error is not None:
                 continue
             with trio.move_on_after(NODE_STALL_TIMEOUT) as scope:
-                try:
+                # A closed channel means the writer failed meanwhile; _fail_share recorded why.
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await self.senders[share.num].send(blocks[share.num])
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the writer failed meanwhile; _fail_share recorded why
             if scope.cancelled_caught:
                 name = share.node.name if share.node else "?"
                 self._fail_share(
