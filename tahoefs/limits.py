@@ -26,8 +26,8 @@ LITERAL_MAX = 56
 # to verify any block in it; files under 4 GiB at 1 MiB segments have a single chunk.
 HASH_CHUNK_LEAVES = 4096
 
-# First suffix fetched from a share: the footer, the trailer and, for files of up to ~1.5 GiB, every
-# block hash.
+# First suffix fetched from a share: the footer, the trailer and, for files of up to ~2 GiB (2034 segments
+# at n=10), every block hash; larger files fetch the 128 KiB leaf chunk a segment needs on first use.
 TRAILER_PROBE_BYTES = 64 * 1024
 
 # Upper bound of a share trailer we agree to read (defends against a node claiming a huge trailer).

@@ -127,6 +127,8 @@ def test_store_read_list_and_delete_a_share(node: Node) -> None:
         f"/v1/immutable/{SI}/01",
         f"/v1/immutable/{SI}/-1",
         f"/v1/immutable/{SI[:-1]}/0",
+        f"/v1/immutable/{SI}%0A/0",
+        f"/v1/immutable/{SI}/0%0A",
         "/v1/node.json",
         "/v2/version",
         "/",

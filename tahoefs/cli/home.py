@@ -8,6 +8,7 @@ from pathlib import Path
 
 import platformdirs
 
+from tahoefs.errors import UsageError
 from tahoefs.grid.config import GridConfig, load_grid
 
 
@@ -29,12 +30,17 @@ def load_grid_config(override: str | None) -> GridConfig:
 def client_secret() -> bytes:
     """The 32-byte secret from which this client's share delete secrets derive; made on first use."""
     path = home_dir() / "private" / "client-secret"
-    try:
-        data = bytes.fromhex(path.read_text().strip())
-        if len(data) == 32:
-            return data
-    except (FileNotFoundError, ValueError):
-        pass
+    if path.exists():
+        try:
+            data = bytes.fromhex(path.read_text().strip())
+        except (OSError, ValueError):
+            data = b""
+        if len(data) != 32:
+            raise UsageError(
+                f"{path} is damaged (it should hold 64 hex digits); without it this client cannot delete "
+                "the shares it uploaded. Restore it from a backup, or move it away to start a new one."
+            )
+        return data
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     data = secrets.token_bytes(32)
     tmp = path.with_suffix(".tmp")

@@ -1,7 +1,8 @@
 """Tagged SHA-256 hashes and base32.
 
-Every hash tahoefs computes is *tagged*: SHA-256(netstring(tag) || data), so a hash made for one purpose
-can never be replayed as another. The tags are listed here and in docs/formats.md.
+Every hash the client puts into a cap or a share is *tagged*: SHA-256(netstring(tag) || data), so a hash
+made for one purpose can never be replayed as another. The tags are listed here and in docs/formats.md.
+(Two hashes are deliberately plain: ring placement, and the node's digest of a delete secret.)
 """
 
 import base64

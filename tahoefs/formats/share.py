@@ -11,7 +11,8 @@ A share is written strictly front to back, so an upload can start before the fil
 
 The UEB pins the share roots; each share root pins its chunk roots; each chunk root pins its leaves; each
 leaf pins one block. A reader holding the cap therefore verifies any single block after fetching the
-trailer once (one suffix request) and the block itself (one ranged request). Byte-level detail is in
+trailer once (one suffix request; for files over ~2 GiB also the 128 KiB leaf chunk of that block, once per
+4096 segments) and the block itself (one ranged request). Byte-level detail is in
 docs/formats.md.
 """
 

@@ -100,7 +100,9 @@ class NodeApp:
         # "/v1/immutable/SI/N" -> ["", "v1", "immutable", "SI", "N"]
         if len(parts) < 3 or parts[0] != "" or parts[1] != f"v{API_VERSION}":
             raise StoreError(404, "unknown path")
-        if parts[2:] == ["version"] and method == "GET":
+        if parts[2:] == ["version"]:
+            if method != "GET":
+                raise StoreError(405, "method not allowed")
             await self._version(send)
             return
         if parts[2] != "immutable" or len(parts) not in (4, 5):

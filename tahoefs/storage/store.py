@@ -2,7 +2,7 @@
 
     DIR/node.json                  node id and access token (mode 0600)
     DIR/shares/AB/SI/N             committed share N of storage index SI (AB = first two characters)
-    DIR/incoming/RANDOM.tmp        shares being received; never readable; wiped at start
+    DIR/incoming/SI.N.RANDOM.tmp   shares being received; never readable; wiped at start
 
 A stored share file is a 64-byte node header (magic, hash of the delete secret) followed by the share
 bytes exactly as the client sent them. A share becomes visible only by `link()` of a complete, fsynced
@@ -13,6 +13,7 @@ overwritten. All names come from strict regexes, so no request can reach outside
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import json
@@ -27,8 +28,8 @@ from pathlib import Path
 
 from tahoefs.limits import NODE_MIN_FREE_BYTES
 
-STORAGE_INDEX_RE = re.compile(r"^[a-z2-7]{26}$")
-SHARE_NUM_RE = re.compile(r"^(0|[1-9][0-9]{0,2})$")
+STORAGE_INDEX_RE = re.compile(r"[a-z2-7]{26}")
+SHARE_NUM_RE = re.compile(r"0|[1-9][0-9]{0,2}")
 NODE_HEADER_FORMAT = ">8sI32s20s"
 NODE_HEADER_MAGIC = b"TFNODESH"
 NODE_HEADER_SIZE = struct.calcsize(NODE_HEADER_FORMAT)  # 64
@@ -45,13 +46,13 @@ class StoreError(Exception):
 
 
 def check_storage_index(text: str) -> str:
-    if not STORAGE_INDEX_RE.match(text):
+    if not STORAGE_INDEX_RE.fullmatch(text):
         raise StoreError(400, "malformed storage index (26 base32 characters expected)")
     return text
 
 
 def check_share_num(text: str) -> int:
-    if not SHARE_NUM_RE.match(text) or int(text) > MAX_SHARE_NUM:
+    if not SHARE_NUM_RE.fullmatch(text) or int(text) > MAX_SHARE_NUM:
         raise StoreError(400, "malformed share number (0..255 expected)")
     return int(text)
 
@@ -129,7 +130,7 @@ class ShareStore:
             names = os.listdir(folder)
         except FileNotFoundError:
             return []
-        return sorted(int(n) for n in names if SHARE_NUM_RE.match(n))
+        return sorted(int(n) for n in names if SHARE_NUM_RE.fullmatch(n))
 
     def open_share(self, si: str, num: int) -> tuple[int, int]:
         """Open a committed share: (fd positioned at share byte 0's file offset, share length).
@@ -162,6 +163,8 @@ class ShareStore:
                 header = f.read(NODE_HEADER_SIZE)
         except FileNotFoundError:
             raise StoreError(404, "no such share") from None
+        if len(header) != NODE_HEADER_SIZE or header[:8] != NODE_HEADER_MAGIC:
+            raise StoreError(500, "stored share has a damaged node header")
         _magic, _version, digest, _pad = struct.unpack(NODE_HEADER_FORMAT, header)
         if not hmac.compare_digest(digest, secret_digest(secret)):
             raise StoreError(403, "wrong delete secret")
@@ -197,28 +200,34 @@ class IncomingShare:
         if self._since_check >= self.SPACE_CHECK_EVERY:
             self._since_check = 0
             self.store.check_space()
-        self.file.write(data)
+        try:
+            self.file.write(data)
+        except OSError as exc:
+            raise _disk_error(exc) from None
 
     def commit(self, check_tail) -> None:
         """fsync and publish the share atomically. `check_tail(last_bytes)` may veto it first."""
-        self.file.flush()
+        try:
+            self.file.flush()
+        except OSError as exc:
+            raise _disk_error(exc) from None
         tail_len = min(self.length, 64)
         with open(self.tmp_path, "rb") as f:
             f.seek(NODE_HEADER_SIZE + self.length - tail_len)
             check_tail(f.read(tail_len))
-        os.fsync(self.file.fileno())
-        self.file.close()
-        final = self.store.share_path(self.si, self.num)
-        final.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(self.tmp_path, final)
-        except FileExistsError:
-            raise StoreError(409, "share already exists") from None
-        dir_fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            final = self.store.share_path(self.si, self.num)
+            _make_durable_dirs(final.parent, self.store.shares_dir)
+            try:
+                os.link(self.tmp_path, final)
+            except FileExistsError:
+                raise StoreError(409, "share already exists") from None
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise _disk_error(exc) from None
         self.committed = True
         self.store.share_count += 1
         self.store.share_bytes += self.length
@@ -228,3 +237,33 @@ class IncomingShare:
             self.file.close()
         with contextlib.suppress(FileNotFoundError):
             self.tmp_path.unlink()
+
+
+def _disk_error(exc: OSError) -> StoreError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(507, "node disk is full")
+    return StoreError(500, f"node disk error: {exc.strerror}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_durable_dirs(path: Path, top: Path) -> None:
+    """mkdir -p `path` below `top`, fsyncing the parent of every folder it creates, so a committed
+    share's name survives a crash."""
+    missing = []
+    p = path
+    while p != top and not p.exists():
+        missing.append(p)
+        p = p.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        _fsync_dir(folder.parent)
