@@ -91,3 +91,27 @@ def ungrouped() -> Iterator[None]:
         yield
     except BaseExceptionGroup as group:
         raise most_telling(group) from group
+
+
+class PathError(UsageError):
+    """A name or path that does not fit the tree; `errno` is what the FUSE layer answers."""
+
+    errno = 0
+
+
+class NoSuchEntryError(PathError):
+    errno = 2  # ENOENT
+
+
+class EntryExistsError(PathError):
+    errno = 17  # EEXIST
+
+
+class NotADirError(PathError):
+    errno = 20  # ENOTDIR
+
+
+class ReadOnlyError(PathError):
+    """A write through a read-only capability."""
+
+    errno = 30  # EROFS

@@ -47,3 +47,7 @@ NODE_MIN_FREE_BYTES = 64 * MiB
 
 # Node: the largest share or request body accepted.
 NODE_MAX_SHARE_BYTES = 1 << 40
+
+# Node: the largest mutable slot (the share bytes of one PUT /v1/mutable/SI/N) accepted. Slot bodies
+# are held whole by the client, so this bounds client memory per slot read or write too.
+NODE_MAX_SLOT_BYTES = 4 * MiB

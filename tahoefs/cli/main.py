@@ -179,23 +179,30 @@ def _cmd_get(args: argparse.Namespace) -> int:
 COMMANDS = {"node": _cmd_node, "grid": _cmd_grid, "put": _cmd_put, "get": _cmd_get}
 
 
-def _tune_malloc() -> None:
-    """Make glibc return large buffers to the OS when freed. Without this, 1 MiB segment buffers
-    allocated in worker threads pile up in per-thread arenas and RSS creeps with file size."""
+def _tune_malloc(node: bool) -> None:
+    """Fix glibc's malloc thresholds (a fixed threshold also stops glibc's dynamic adjustment).
+
+    Client: buffers of 256 KiB and more (segments, blocks) are mmapped and go back to the OS when freed;
+    without this they pile up in per-thread arenas and get's RSS crept ~16 MiB per 256 MiB read.
+    Node: a 256 KiB threshold would map and fault in every 256 KiB socket read afresh (3.2 CPU-s per GiB
+    received instead of 0.8, see docs/server-choice.md), so it keeps them on a heap that is not trimmed
+    below 8 MiB."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold, m_arena_max = -3, -8
-        libc.mallopt(m_mmap_threshold, 256 * 1024)
-        libc.mallopt(m_arena_max, 2)
+        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+        libc.mallopt(m_trim_threshold, 8 * 1024 * 1024)
+        libc.mallopt(m_mmap_threshold, (1024 if node else 256) * 1024)
+        if not node:
+            libc.mallopt(m_arena_max, 2)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
 
 
 def main(argv: list[str] | None = None) -> None:
-    _tune_malloc()
     args = build_parser().parse_args(argv)
+    _tune_malloc(node=args.command == "node")
     try:
         code = COMMANDS[args.command](args)
     except UsageError as exc:

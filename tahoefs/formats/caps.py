@@ -3,6 +3,9 @@
     tahoefs:lit:v1:DATA                              a file of up to LITERAL_MAX bytes, inside the cap
     tahoefs:file:v1:KEY:UEBHASH:K:N:SIZE             read cap of an immutable file
     tahoefs:file-verify:v1:SI:UEBHASH:K:N:SIZE       verify cap: check and repair, no plaintext
+    tahoefs:dir:v1:SEED                              write cap of a directory (Ed25519 signing seed)
+    tahoefs:dir-ro:v1:READKEY:VKHASH                 read cap of a directory
+    tahoefs:dir-verify:v1:SI:VKHASH                  verify cap of a directory
 
 KEY (32 bytes), UEBHASH (32), SI (16) and DATA are lowercase unpadded base32. A read cap is
 self-authenticating: UEBHASH pins the share trailer, which pins every block of every share. Caps never
@@ -14,7 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tahoefs.errors import BadCapError
-from tahoefs.formats.hashing import b32decode, b32encode, storage_index_for_key
+from tahoefs.formats.hashing import (
+    TAG_MUTABLE_READ_KEY,
+    TAG_MUTABLE_SI,
+    TAG_MUTABLE_VK,
+    b32decode,
+    b32encode,
+    storage_index_for_key,
+    tagged_hash,
+)
 from tahoefs.limits import LITERAL_MAX
 
 PREFIX = "tahoefs:"
@@ -76,7 +87,66 @@ class FileCap:
         return VerifyCap(self.storage_index, self.ueb_hash, self.needed, self.total, self.size)
 
 
-Cap = LiteralCap | FileCap | VerifyCap
+@dataclass(frozen=True)
+class DirVerifyCap:
+    """Locate, check and repair a directory's versions; cannot decrypt them."""
+
+    storage_index: bytes
+    vk_hash: bytes
+
+    def __str__(self) -> str:
+        return f"tahoefs:dir-verify:v1:{b32encode(self.storage_index)}:{b32encode(self.vk_hash)}"
+
+
+@dataclass(frozen=True)
+class DirReadCap:
+    """Read a directory: its read key and the hash of the key that signs its versions."""
+
+    read_key: bytes
+    vk_hash: bytes
+
+    def __str__(self) -> str:
+        return f"tahoefs:dir-ro:v1:{b32encode(self.read_key)}:{b32encode(self.vk_hash)}"
+
+    @property
+    def storage_index(self) -> bytes:
+        return tagged_hash(TAG_MUTABLE_SI, self.read_key)[:16]
+
+    def verify_cap(self) -> DirVerifyCap:
+        return DirVerifyCap(self.storage_index, self.vk_hash)
+
+    def read_cap(self) -> DirReadCap:
+        return self
+
+
+@dataclass(frozen=True)
+class DirWriteCap:
+    """Write a directory: the 32-byte Ed25519 seed every other key derives from."""
+
+    seed: bytes
+
+    def __str__(self) -> str:
+        return f"tahoefs:dir:v1:{b32encode(self.seed)}"
+
+    @property
+    def verifying_key(self) -> bytes:
+        from Crypto.PublicKey import ECC
+
+        return ECC.construct(curve="Ed25519", seed=self.seed).public_key().export_key(format="raw")
+
+    def read_cap(self) -> DirReadCap:
+        return DirReadCap(tagged_hash(TAG_MUTABLE_READ_KEY, self.seed), tagged_hash(TAG_MUTABLE_VK, self.verifying_key))
+
+    @property
+    def storage_index(self) -> bytes:
+        return self.read_cap().storage_index
+
+    def verify_cap(self) -> DirVerifyCap:
+        return self.read_cap().verify_cap()
+
+
+Cap = LiteralCap | FileCap | VerifyCap | DirWriteCap | DirReadCap | DirVerifyCap
+DirCap = DirWriteCap | DirReadCap
 
 
 def _b32_field(text: str, name: str, length: int | None) -> bytes:
@@ -130,4 +200,14 @@ def parse_cap(text: str) -> Cap:
         if kind == "file":
             return FileCap(first, ueb_hash, needed, total, size)
         return VerifyCap(first, ueb_hash, needed, total, size)
+    if kind == "dir":
+        if len(fields) != 1:
+            raise BadCapError("malformed dir capability: expected 1 field after the version")
+        return DirWriteCap(_b32_field(fields[0], "seed", 32))
+    if kind in ("dir-ro", "dir-verify"):
+        if len(fields) != 2:
+            raise BadCapError(f"malformed {kind} capability: expected 2 fields after the version")
+        first = _b32_field(fields[0], "read key" if kind == "dir-ro" else "storage index", 32 if kind == "dir-ro" else 16)
+        vk_hash = _b32_field(fields[1], "key hash", 32)
+        return DirReadCap(first, vk_hash) if kind == "dir-ro" else DirVerifyCap(first, vk_hash)
     raise BadCapError(f"unknown capability kind {kind!r}")

@@ -15,6 +15,15 @@ TAG_SHARE_ROOT = b"tahoefs:share-root:v1"
 TAG_SHARE_ROOTS = b"tahoefs:share-roots:v1"
 TAG_UEB = b"tahoefs:ueb:v1"
 TAG_DELETE_SECRET = b"tahoefs:delete-secret:v1"
+TAG_MUTABLE_READ_KEY = b"tahoefs:mutable-read-key:v1"
+TAG_MUTABLE_SI = b"tahoefs:mutable-storage-index:v1"
+TAG_MUTABLE_VK = b"tahoefs:mutable-verifying-key:v1"
+TAG_MUTABLE_WRITE_ENABLER = b"tahoefs:mutable-write-enabler:v1"
+TAG_MUTABLE_DATA_KEY = b"tahoefs:mutable-data-key:v1"
+TAG_MUTABLE_BLOCKS = b"tahoefs:mutable-blocks:v1"
+TAG_MUTABLE_SIGNED = b"tahoefs:mutable-signed:v1"
+TAG_DIR_CHILD_WRITE_KEY = b"tahoefs:dir-child-write-key:v1"
+TAG_DIR_NAME = b"tahoefs:dir-name:v1"
 
 HASH_SIZE = 32
 

@@ -44,6 +44,19 @@ class ByteSource:
         raise NotImplementedError
 
 
+class BytesSource(ByteSource):
+    """A ByteSource over bytes already in memory (small things: directory buckets)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+
+    async def read(self, n: int) -> bytes:
+        out = bytes(self._data[self._pos : self._pos + n])
+        self._pos += len(out)
+        return out
+
+
 async def read_exactly(source: ByteSource, n: int) -> bytes:
     """Read n bytes, fewer only at EOF (pipes and stdin return short reads)."""
     first = await source.read(n)

@@ -2,12 +2,19 @@
 
     DIR/node.json                  node id and access token (mode 0600)
     DIR/shares/AB/SI/N             committed share N of storage index SI (AB = first two characters)
-    DIR/incoming/SI.N.RANDOM.tmp   shares being received; never readable; wiped at start
+    DIR/mutable/AB/SI/N            mutable slot N of storage index SI (a namespace of its own)
+    DIR/incoming/SI.N.RANDOM.tmp   shares and slot versions being received; never readable; wiped at start
 
 A stored share file is a 64-byte node header (magic, hash of the delete secret) followed by the share
 bytes exactly as the client sent them. A share becomes visible only by `link()` of a complete, fsynced
 temp file into its final name, so a reader never sees a partial share, and an existing share is never
 overwritten. All names come from strict regexes, so no request can reach outside DIR.
+
+A slot file is a 64-byte node header (magic, hash of the write enabler, sequence number) followed by the
+slot's bytes. A new version becomes visible only by `os.replace()` of a complete, fsynced temp file onto
+the slot's name, right after re-checking the test-and-set condition with no await in between: the store
+is synchronous code on the node's single event loop, so two writers can never both pass the test, and a
+reader sees the old version or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from tahoefs.limits import NODE_MIN_FREE_BYTES
 
@@ -34,15 +42,23 @@ NODE_HEADER_FORMAT = ">8sI32s20s"
 NODE_HEADER_MAGIC = b"TFNODESH"
 NODE_HEADER_SIZE = struct.calcsize(NODE_HEADER_FORMAT)  # 64
 MAX_SHARE_NUM = 255
+# Mutable slot file header: magic, version, write-enabler digest, seqnum (u64), zero padding.
+SLOT_HEADER_FORMAT = ">8sI32sQ12s"
+SLOT_HEADER_MAGIC = b"TFNODEMU"
+SLOT_HEADER_SIZE = struct.calcsize(SLOT_HEADER_FORMAT)  # 64
+SEQNUM_RE = re.compile(r"0|[1-9][0-9]{0,18}")
+SEQNUM_LIMIT = 1 << 63  # seqnums are < 2^63
 
 
 class StoreError(Exception):
-    """A request the store refuses; `status` is the HTTP status the app answers with."""
+    """A request the store refuses; `status` is the HTTP status the app answers with. `fields` are
+    extra members of the JSON error body, next to "error"."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, **fields: Any) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.fields = fields
 
 
 def check_storage_index(text: str) -> str:
@@ -65,6 +81,31 @@ def check_secret(text: str | None) -> bytes:
 
 def secret_digest(secret: bytes) -> bytes:
     return hashlib.sha256(b"tahoefs:node-delete-secret:v1:" + secret).digest()
+
+
+def check_write_enabler(text: str | None) -> bytes:
+    if text is None or not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise StoreError(400, "missing or malformed write enabler (64 hex digits expected)")
+    return bytes.fromhex(text)
+
+
+def check_seqnum(text: str | None, header: str) -> int:
+    """A seqnum header: canonical decimal (no sign, no leading zero, no spaces), below 2^63."""
+    if text is None or not SEQNUM_RE.fullmatch(text) or int(text) >= SEQNUM_LIMIT:
+        raise StoreError(400, f"missing or malformed {header} (a decimal number below 2^63 expected)")
+    return int(text)
+
+
+def write_enabler_digest(write_enabler: bytes) -> bytes:
+    return hashlib.sha256(b"tahoefs:node-write-enabler:v1:" + write_enabler).digest()
+
+
+class SlotState(NamedTuple):
+    """What a slot's node header says, and the length of the slot's bytes."""
+
+    enabler_digest: bytes
+    seqnum: int
+    length: int
 
 
 @dataclass
@@ -91,25 +132,21 @@ def load_or_create_identity(root: Path) -> NodeIdentity:
 
 
 class ShareStore:
-    """Committed shares on disk plus the counters a status page wants."""
+    """Committed shares and mutable slots on disk plus the counters a status page wants."""
 
     def __init__(self, root: Path, min_free_bytes: int = NODE_MIN_FREE_BYTES) -> None:
         self.root = root
         self.shares_dir = root / "shares"
+        self.mutable_dir = root / "mutable"
         self.incoming_dir = root / "incoming"
         self.min_free_bytes = min_free_bytes
         self.shares_dir.mkdir(parents=True, exist_ok=True)
+        self.mutable_dir.mkdir(exist_ok=True)
         if self.incoming_dir.exists():
             shutil.rmtree(self.incoming_dir)  # abandoned partial uploads from a previous run
         self.incoming_dir.mkdir()
-        self.share_count, self.share_bytes = self._count()
-
-    def _count(self) -> tuple[int, int]:
-        count = total = 0
-        for path in self.shares_dir.glob("*/*/*"):
-            count += 1
-            total += path.stat().st_size - NODE_HEADER_SIZE
-        return count, total
+        self.share_count, self.share_bytes = _count(self.shares_dir, NODE_HEADER_SIZE)
+        self.slot_count, self.slot_bytes = _count(self.mutable_dir, SLOT_HEADER_SIZE)
 
     def share_path(self, si: str, num: int) -> Path:
         return self.shares_dir / si[:2] / si / str(num)
@@ -175,6 +212,98 @@ class ShareStore:
         with contextlib.suppress(OSError):
             path.parent.rmdir()  # only succeeds when no share of this SI is left
 
+    # ---- mutable slots
+
+    def slot_path(self, si: str, num: int) -> Path:
+        return self.mutable_dir / si[:2] / si / str(num)
+
+    def slot_state(self, si: str, num: int) -> SlotState | None:
+        """The slot's header fields and length, or None when there is no slot SI/N."""
+        try:
+            fd = os.open(self.slot_path(si, num), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            return _read_slot_header(fd)
+        finally:
+            os.close(fd)
+
+    def list_slots(self, si: str) -> dict[int, SlotState]:
+        """Every slot held for `si`, by share number (empty if none)."""
+        folder = self.mutable_dir / si[:2] / si
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return {}
+        found = {}
+        for name in names:
+            if SHARE_NUM_RE.fullmatch(name) and int(name) <= MAX_SHARE_NUM:
+                state = self.slot_state(si, int(name))
+                if state is not None:  # None: deleted since listdir
+                    found[int(name)] = state
+        return dict(sorted(found.items()))
+
+    def open_slot(self, si: str, num: int) -> tuple[int, SlotState]:
+        """Open the slot's current version: (fd, its state). Slot byte x is at file offset
+        SLOT_HEADER_SIZE + x; the fd keeps serving this version even if it is replaced meanwhile.
+        Raises StoreError(404)."""
+        try:
+            fd = os.open(self.slot_path(si, num), os.O_RDONLY)
+        except FileNotFoundError:
+            raise StoreError(404, "no such slot") from None
+        try:
+            return fd, _read_slot_header(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def check_slot_test(self, si: str, num: int, write_enabler: bytes, test_seqnum: int) -> SlotState | None:
+        """The test of a test-and-set write; returns the current state (None: no slot). Raises
+        StoreError(403) when the slot exists and `write_enabler` is not the one it was created with,
+        StoreError(409, seqnum=C) when the slot's seqnum C (0 when there is no slot) is not `test_seqnum`."""
+        state = self.slot_state(si, num)
+        if state is not None and not hmac.compare_digest(
+            state.enabler_digest, write_enabler_digest(write_enabler)
+        ):
+            raise StoreError(403, "wrong write enabler")
+        current = 0 if state is None else state.seqnum
+        if current != test_seqnum:
+            raise StoreError(409, f"test failed: slot holds seqnum {current}", seqnum=current)
+        return state
+
+    @contextlib.contextmanager
+    def receive_slot(
+        self, si: str, num: int, write_enabler: bytes, test_seqnum: int, new_seqnum: int, more: int = 0
+    ) -> Iterator[IncomingSlot]:
+        """A temp file to stream a new slot version into, after checking the test (403/409) and the
+        free space (507; `more` is the declared body length). Commit with `incoming.commit()`, which
+        checks the test again; leaving the block without commit (error, disconnect) deletes the temp
+        file and leaves the current version untouched."""
+        self.check_slot_test(si, num, write_enabler, test_seqnum)
+        self.check_space(more)
+        try:
+            incoming = IncomingSlot(self, si, num, write_enabler, test_seqnum, new_seqnum)
+        except OSError as exc:
+            raise _disk_error(exc) from None
+        try:
+            yield incoming
+        finally:
+            incoming.discard()
+
+    def delete_slot(self, si: str, num: int, write_enabler: bytes) -> None:
+        """Remove a slot if `write_enabler` is the one it was created with. Raises StoreError(404/403)."""
+        state = self.slot_state(si, num)
+        if state is None:
+            raise StoreError(404, "no such slot")
+        if not hmac.compare_digest(state.enabler_digest, write_enabler_digest(write_enabler)):
+            raise StoreError(403, "wrong write enabler")
+        path = self.slot_path(si, num)
+        path.unlink()
+        self.slot_count -= 1
+        self.slot_bytes -= state.length
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # only succeeds when no slot of this SI is left
+
 
 class IncomingShare:
     """One share being received into DIR/incoming."""
@@ -237,6 +366,89 @@ class IncomingShare:
             self.file.close()
         with contextlib.suppress(FileNotFoundError):
             self.tmp_path.unlink()
+
+
+class IncomingSlot:
+    """One slot version being received into DIR/incoming. Its header already holds the new seqnum and
+    the digest of the offered write enabler (equal to the stored one whenever the commit succeeds)."""
+
+    def __init__(
+        self, store: ShareStore, si: str, num: int, write_enabler: bytes, test_seqnum: int, new_seqnum: int
+    ) -> None:
+        self.store = store
+        self.si = si
+        self.num = num
+        self.write_enabler = write_enabler
+        self.test_seqnum = test_seqnum
+        self.new_seqnum = new_seqnum
+        self.tmp_path = store.incoming_dir / f"{si}.{num}.{secrets.token_hex(8)}.tmp"
+        self.file = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in commit/discard
+        header = struct.pack(
+            SLOT_HEADER_FORMAT, SLOT_HEADER_MAGIC, 1, write_enabler_digest(write_enabler), new_seqnum, b""
+        )
+        try:
+            self.file.write(header)
+        except BaseException:
+            self.discard()
+            raise
+        self.length = 0
+
+    def write(self, data: bytes, max_length: int) -> None:
+        self.length += len(data)
+        if self.length > max_length:
+            raise StoreError(413, "slot is larger than this node accepts")
+        try:
+            self.file.write(data)
+        except OSError as exc:
+            raise _disk_error(exc) from None
+
+    def commit(self) -> None:
+        """fsync the temp file, check the test again and replace the slot atomically; synchronous, so
+        no other request runs between the final check and the replace. Raises StoreError(403/409) if
+        another writer changed the slot meanwhile, 507/500 for disk errors."""
+        final = self.store.slot_path(self.si, self.num)
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            _make_durable_dirs(final.parent, self.store.mutable_dir)
+        except OSError as exc:
+            raise _disk_error(exc) from None
+        old = self.store.check_slot_test(self.si, self.num, self.write_enabler, self.test_seqnum)
+        try:
+            os.replace(self.tmp_path, final)
+        except OSError as exc:
+            raise _disk_error(exc) from None
+        if old is None:
+            self.store.slot_count += 1
+        self.store.slot_bytes += self.length - (0 if old is None else old.length)
+        try:
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise _disk_error(exc) from None
+
+    def discard(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp_path.unlink()
+
+
+def _read_slot_header(fd: int) -> SlotState:
+    header = os.pread(fd, SLOT_HEADER_SIZE, 0)
+    if len(header) != SLOT_HEADER_SIZE or header[:8] != SLOT_HEADER_MAGIC:
+        raise StoreError(500, "stored slot has a damaged node header")
+    _magic, _version, digest, seqnum, _pad = struct.unpack(SLOT_HEADER_FORMAT, header)
+    return SlotState(digest, seqnum, os.fstat(fd).st_size - SLOT_HEADER_SIZE)
+
+
+def _count(folder: Path, header_size: int) -> tuple[int, int]:
+    """(files, their total length without headers) in folder/AB/SI/N."""
+    count = total = 0
+    for path in folder.glob("*/*/*"):
+        count += 1
+        total += path.stat().st_size - header_size
+    return count, total
 
 
 def _disk_error(exc: OSError) -> StoreError:

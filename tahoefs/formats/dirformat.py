@@ -1,0 +1,255 @@
+"""The plaintext of a directory: a root that lists buckets, and buckets that hold entries.
+
+A directory's entries are spread over buckets by the 64-bit hash of their name; bucket i holds the names
+whose hash falls in [lo_i, lo_{i+1}). A small bucket lives inside the root; a large one is an immutable
+file whose read cap the root holds, so adding one entry to a huge directory rewrites one bucket and the
+small root, not every entry. Byte layouts (all big-endian) are in docs/formats.md.
+
+    ROOT    "TFDIR1" u8 1, u32 bucket count, then per bucket:
+            u64 lo, u32 entry count, u8 storage (0 inline, 1 cap), u32 length, bytes (bucket or cap)
+    BUCKET  u32 entry count, then entries sorted by (name hash, name)
+    ENTRY   u16 name length, name, u8 kind, u32 mode, u32 uid, u32 gid, u64 size,
+            q mtime ns, q ctime ns, u16 + cap (file read cap / child dir read cap, ASCII),
+            u16 + sealed child write cap, u32 + inline data, u16 + symlink target,
+            u16 xattr count, then per xattr: u8 + name, u32 + value
+
+Every parser here raises only ValueError on malformed input and never allocates more than its input.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+
+from Crypto.Cipher import AES
+
+from tahoefs.formats.hashing import TAG_DIR_CHILD_WRITE_KEY, TAG_DIR_NAME, tagged_hash
+
+KIND_FILE, KIND_DIR, KIND_SYMLINK = 1, 2, 3
+KIND_NAMES = {KIND_FILE: "file", KIND_DIR: "dir", KIND_SYMLINK: "symlink"}
+MAX_NAME = 255
+MAX_TARGET = 4096
+MAX_XATTR_NAME = 255
+MAX_XATTR_VALUE = 64 * 1024
+MAX_XATTRS_PER_ENTRY = 128
+INLINE_FILE_MAX = 4096  # files up to this size live inside their directory entry
+BUCKET_INLINE_MAX = 4096  # buckets up to this encoded size live inside the root
+BUCKET_SPLIT_BYTES = 64 * 1024  # a bucket over this size is split in two
+ROOT_MAGIC = b"TFDIR1"
+HASH_SPACE = 1 << 64
+
+
+def name_hash(name: bytes) -> int:
+    return int.from_bytes(tagged_hash(TAG_DIR_NAME, name)[:8], "big")
+
+
+def check_name(name: bytes) -> None:
+    """Raises ValueError for a name no directory may hold."""
+    if not 1 <= len(name) <= MAX_NAME or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise ValueError(f"invalid entry name {name!r}")
+
+
+@dataclass
+class Entry:
+    name: bytes
+    kind: int
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    cap: str = ""  # file read cap, or child directory read cap
+    sealed_write_cap: bytes = b""  # child directory write cap, sealed with the parent's write key
+    inline: bytes = b""  # content of a small file
+    target: bytes = b""  # symlink target
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        check_name(self.name)
+        cap = self.cap.encode("ascii")
+        parts = [
+            struct.pack(">H", len(self.name)),
+            self.name,
+            struct.pack(">BIIIQqq", self.kind, self.mode, self.uid, self.gid, self.size, self.mtime_ns, self.ctime_ns),
+            struct.pack(">H", len(cap)),
+            cap,
+            struct.pack(">H", len(self.sealed_write_cap)),
+            self.sealed_write_cap,
+            struct.pack(">I", len(self.inline)),
+            self.inline,
+            struct.pack(">H", len(self.target)),
+            self.target,
+            struct.pack(">H", len(self.xattrs)),
+        ]
+        for key in sorted(self.xattrs):
+            value = self.xattrs[key]
+            parts += [struct.pack(">B", len(key)), key, struct.pack(">I", len(value)), value]
+        return b"".join(parts)
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise ValueError("truncated")
+        out = bytes(self.data[self.pos : self.pos + n])
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str) -> tuple:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))
+
+    def blob(self, fmt: str, limit: int) -> bytes:
+        (n,) = self.unpack(fmt)
+        if n > limit:
+            raise ValueError("field too long")
+        return self.take(n)
+
+    def done(self) -> bool:
+        return self.pos == len(self.data)
+
+
+def _read_entry(r: _Reader) -> Entry:
+    name = r.blob(">H", MAX_NAME)
+    check_name(name)
+    kind, mode, uid, gid, size, mtime, ctime = r.unpack(">BIIIQqq")
+    if kind not in KIND_NAMES:
+        raise ValueError(f"unknown entry kind {kind}")
+    cap = r.blob(">H", 1024)
+    if not cap.isascii():
+        raise ValueError("entry cap is not ASCII")
+    sealed = r.blob(">H", 1024)
+    inline = r.blob(">I", INLINE_FILE_MAX)
+    target = r.blob(">H", MAX_TARGET)
+    (count,) = r.unpack(">H")
+    if count > MAX_XATTRS_PER_ENTRY:
+        raise ValueError("too many xattrs")
+    xattrs = {}
+    for _ in range(count):
+        key = r.blob(">B", MAX_XATTR_NAME)
+        xattrs[key] = r.blob(">I", MAX_XATTR_VALUE)
+    return Entry(name, kind, mode, uid, gid, size, mtime, ctime, cap.decode(), sealed, inline, target, xattrs)
+
+
+def encode_bucket(entries: list[Entry]) -> bytes:
+    ordered = sorted(entries, key=lambda e: (name_hash(e.name), e.name))
+    return struct.pack(">I", len(ordered)) + b"".join(e.encode() for e in ordered)
+
+
+def decode_bucket(data: bytes) -> list[Entry]:
+    r = _Reader(data)
+    (count,) = r.unpack(">I")
+    if count > len(data):
+        raise ValueError("impossible entry count")
+    entries = [_read_entry(r) for _ in range(count)]
+    if not r.done():
+        raise ValueError("trailing bytes after the entries")
+    if len({e.name for e in entries}) != len(entries):
+        raise ValueError("duplicate names in a bucket")
+    return entries
+
+
+@dataclass
+class BucketRef:
+    """One bucket as the root lists it: the names hashing to [lo, next lo), inline or by cap."""
+
+    lo: int
+    count: int
+    inline: bytes | None = None
+    cap: str = ""
+
+
+def encode_root(buckets: list[BucketRef]) -> bytes:
+    parts = [ROOT_MAGIC, struct.pack(">BI", 1, len(buckets))]
+    for b in buckets:
+        if b.inline is not None:
+            parts += [struct.pack(">QIBI", b.lo, b.count, 0, len(b.inline)), b.inline]
+        else:
+            cap = b.cap.encode("ascii")
+            parts += [struct.pack(">QIBI", b.lo, b.count, 1, len(cap)), cap]
+    return b"".join(parts)
+
+
+def decode_root(data: bytes) -> list[BucketRef]:
+    r = _Reader(data)
+    if r.take(len(ROOT_MAGIC)) != ROOT_MAGIC:
+        raise ValueError("not a tahoefs directory")
+    version, count = r.unpack(">BI")
+    if version != 1 or count == 0 or count > len(data):
+        raise ValueError("bad directory header")
+    buckets = []
+    for _ in range(count):
+        lo, entries, storage, length = r.unpack(">QIBI")
+        body = r.take(length)
+        if storage == 0:
+            buckets.append(BucketRef(lo, entries, inline=body))
+        elif storage == 1 and body.isascii() and length <= 1024:
+            buckets.append(BucketRef(lo, entries, cap=body.decode()))
+        else:
+            raise ValueError("bad bucket reference")
+    if not r.done():
+        raise ValueError("trailing bytes after the buckets")
+    if buckets[0].lo != 0 or any(a.lo >= b.lo for a, b in zip(buckets, buckets[1:], strict=False)):
+        raise ValueError("bucket ranges are not ordered")
+    return buckets
+
+
+def bucket_index(buckets: list[BucketRef], name: bytes) -> int:
+    """Which bucket holds (or would hold) `name`."""
+    h = name_hash(name)
+    lo, hi = 0, len(buckets)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if buckets[mid].lo <= h:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def split_entries(lo: int, entries: list[Entry]) -> list[tuple[int, list[Entry]]]:
+    """Split one bucket's entries (hash range starting at `lo`) into buckets of at most
+    BUCKET_SPLIT_BYTES each, cutting between distinct hashes. Returns [(lo, entries), ...]."""
+    ordered = sorted(entries, key=lambda e: (name_hash(e.name), e.name))
+    out: list[tuple[int, list[Entry]]] = []
+    current: list[Entry] = []
+    current_lo, size = lo, 4
+    for e in ordered:
+        n = len(e.encode())
+        if current and size + n > BUCKET_SPLIT_BYTES // 2 and name_hash(e.name) != name_hash(current[-1].name):
+            out.append((current_lo, current))
+            current, current_lo, size = [], name_hash(e.name), 4
+        current.append(e)
+        size += n
+    out.append((current_lo, current))
+    return out
+
+
+def child_write_key(parent: bytes) -> bytes:
+    """Key sealing child write caps: derived from the parent's write seed, so read-cap holders of the
+    parent cannot unseal them."""
+    return tagged_hash(TAG_DIR_CHILD_WRITE_KEY, parent)
+
+
+def seal_write_cap(parent_seed: bytes, write_cap: str) -> bytes:
+    nonce = os.urandom(16)
+    cipher = AES.new(child_write_key(parent_seed), AES.MODE_CTR, nonce=b"", initial_value=nonce)
+    return nonce + cipher.encrypt(write_cap.encode("ascii"))
+
+
+def unseal_write_cap(parent_seed: bytes, sealed: bytes) -> str:
+    """The child's write cap. Raises ValueError if it does not decode (the version's signature already
+    vouches for these bytes, so this means a writer bug, not an attack)."""
+    if len(sealed) < 17:
+        raise ValueError("sealed write cap too short")
+    cipher = AES.new(child_write_key(parent_seed), AES.MODE_CTR, nonce=b"", initial_value=sealed[:16])
+    text = cipher.decrypt(sealed[16:])
+    if not text.isascii():
+        raise ValueError("sealed write cap does not decrypt")
+    return text.decode()
+
