@@ -19,8 +19,11 @@ UPLOAD_WINDOW_SEGMENTS = 4
 # k blocks (≈ 1 MiB each) plus their decoded plaintext are held at once.
 DOWNLOAD_WINDOW_SEGMENTS = 4
 
-# Files up to this size are kept inside their capability (a literal cap) and touch no node.
+# `tahoefs put FILE` (no destination) keeps files up to this size inside their cap (a literal cap) and
+# touches no node. Files stored inline in a directory entry (up to 4 KiB) print as literal caps too, so a
+# literal cap may hold up to LITERAL_CAP_MAX bytes.
 LITERAL_MAX = 56
+LITERAL_CAP_MAX = 4096
 
 # Block hashes per chunk of a share's hash list. A reader fetches one chunk (32 B * 4096 = 128 KiB)
 # to verify any block in it; files under 4 GiB at 1 MiB segments have a single chunk.

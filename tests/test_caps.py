@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from tahoefs.errors import BadCapError, UsageError
 from tahoefs.formats.caps import MAX_SHARES, FileCap, LiteralCap, VerifyCap, parse_cap
 from tahoefs.formats.hashing import b32decode, b32encode, storage_index_for_key
-from tahoefs.limits import LITERAL_MAX
+from tahoefs.limits import LITERAL_CAP_MAX as LITERAL_MAX
 
 EXAMPLES = settings(max_examples=150, deadline=None)
 
@@ -226,7 +226,7 @@ MALFORMED = [
     ("tahoefs:", "expected tahoefs:KIND:VERSION"),
     ("tahoefs:file", "expected tahoefs:KIND:VERSION"),
     # unknown kind
-    ("tahoefs:dir:v1:abc", "unknown capability kind 'dir'"),
+    ("tahoefs:mdmf:v1:abc", "unknown capability kind 'mdmf'"),
     ("tahoefs::v1:abc", "unknown capability kind ''"),
     (f"tahoefs:FILE:v1:{B32_KEY}:{B32_HASH}:3:10:1", "unknown capability kind 'FILE'"),
     # bad version

@@ -12,7 +12,7 @@ from pathlib import Path
 import trio
 
 from tahoefs import __version__
-from tahoefs.cli import home, localgrid
+from tahoefs.cli import home, localgrid, tree
 from tahoefs.errors import GridError, TahoefsError, UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("get", parents=[common], help="download a file (verified bytes only)")
     p.add_argument("src", metavar="SRC")
     p.add_argument("-o", "--output", metavar="FILE")
+    p = sub.add_parser("mkfs", parents=[common], help="create an empty filesystem; save its root as an alias")
+    p.add_argument("--alias", default="root", help="alias to save the root write cap as (default: root)")
+    p = sub.add_parser("ls", parents=[common], help="list a directory on the grid")
+    p.add_argument("target", metavar="TARGET")
+    p.add_argument("-l", dest="long", action="store_true", help="long listing")
+    p.add_argument("--json", action="store_true", help="a JSON array of entries")
+    p = sub.add_parser("mkdir", parents=[common], help="create a directory on the grid")
+    p.add_argument("target", metavar="TARGET")
     return parser
 
 
@@ -151,12 +159,11 @@ def _grid_add(args: argparse.Namespace) -> None:
 def _cmd_put(args: argparse.Namespace) -> int:
     from tahoefs.cli import transfer
 
-    if args.dest is not None:
-        raise UsageError(
-            "put with DEST needs directories, which arrive with 'tahoefs mkfs'; put FILE alone prints a cap"
-        )
     config = home.load_grid_config(args.grid)
-    cap = trio.run(transfer.put, config, home.client_secret(), args.file)
+    if args.dest is not None:
+        cap = trio.run(tree.put_at, config, home.client_secret(), args.file, args.dest)
+    else:
+        cap = trio.run(transfer.put, config, home.client_secret(), args.file)
     print(cap)
     return EXIT_OK
 
@@ -165,18 +172,50 @@ def _cmd_get(args: argparse.Namespace) -> int:
     from tahoefs.cli import transfer
     from tahoefs.formats.caps import LiteralCap, parse_cap
 
-    cap = parse_cap(args.src)  # bad caps fail before the grid file is even needed
+    src = args.src
+    if not src.startswith("tahoefs:") or "/" in src:
+        src = trio.run(tree.resolve_file, home.load_grid_config(args.grid), home.client_secret(), src)
+    cap = parse_cap(src)  # bad caps fail before the grid file is even needed
     config = home.load_grid_config(args.grid) if not isinstance(cap, LiteralCap) else None
-    try:
-        problems = trio.run(transfer.get, config, home.client_secret(), args.src, args.output)
-    except GridError:
-        raise
+    problems = trio.run(transfer.get, config, home.client_secret(), src, args.output)
     for problem in problems:
         print(f"tahoefs get: warning: {problem}", file=sys.stderr)
     return EXIT_OK
 
 
-COMMANDS = {"node": _cmd_node, "grid": _cmd_grid, "put": _cmd_put, "get": _cmd_get}
+def _cmd_mkfs(args: argparse.Namespace) -> int:
+    existing = tree.load_aliases().get(args.alias)
+    if existing:
+        raise UsageError(f"alias {args.alias!r} already exists; choose another with --alias NAME")
+    cap = trio.run(tree.mkfs, home.load_grid_config(args.grid), home.client_secret())
+    tree.save_alias(args.alias, cap)
+    print(cap)
+    return EXIT_OK
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    problems = trio.run(
+        tree.ls, home.load_grid_config(args.grid), home.client_secret(), args.target, args.long, args.json
+    )
+    for problem in problems:
+        print(f"tahoefs ls: warning: {problem}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_mkdir(args: argparse.Namespace) -> int:
+    trio.run(tree.mkdir, home.load_grid_config(args.grid), home.client_secret(), args.target)
+    return EXIT_OK
+
+
+COMMANDS = {
+    "node": _cmd_node,
+    "grid": _cmd_grid,
+    "put": _cmd_put,
+    "get": _cmd_get,
+    "mkfs": _cmd_mkfs,
+    "ls": _cmd_ls,
+    "mkdir": _cmd_mkdir,
+}
 
 
 def _tune_malloc(node: bool) -> None:

@@ -1,6 +1,6 @@
 """Capabilities: plain strings that name a piece of data and grant access to it.
 
-    tahoefs:lit:v1:DATA                              a file of up to LITERAL_MAX bytes, inside the cap
+    tahoefs:lit:v1:DATA                              a file of up to LITERAL_CAP_MAX bytes, inside the cap
     tahoefs:file:v1:KEY:UEBHASH:K:N:SIZE             read cap of an immutable file
     tahoefs:file-verify:v1:SI:UEBHASH:K:N:SIZE       verify cap: check and repair, no plaintext
     tahoefs:dir:v1:SEED                              write cap of a directory (Ed25519 signing seed)
@@ -26,7 +26,7 @@ from tahoefs.formats.hashing import (
     storage_index_for_key,
     tagged_hash,
 )
-from tahoefs.limits import LITERAL_MAX
+from tahoefs.limits import LITERAL_CAP_MAX
 
 PREFIX = "tahoefs:"
 MAX_SHARES = 256
@@ -184,7 +184,7 @@ def parse_cap(text: str) -> Cap:
         if len(fields) != 1:
             raise BadCapError("malformed literal capability")
         data = _b32_field(fields[0], "data", None)
-        if len(data) > LITERAL_MAX:
+        if len(data) > LITERAL_CAP_MAX:
             raise BadCapError("malformed literal capability: too long")
         return LiteralCap(data)
     if kind in ("file", "file-verify"):

@@ -129,13 +129,13 @@ class MutableObject:
             + (f" ({detail})" if detail else "")
         )
 
-    def _best(self, groups, holders) -> tuple[int, bytes] | None:  # noqa: ANN001
+    def _best(self, groups: dict, holders: dict) -> tuple[int, bytes] | None:
         ok = [vid for vid, shares in groups.items() if len(shares) >= next(iter(shares.values())).needed]
         if not ok:
             return None
         return max(ok, key=lambda vid: (vid[0], len(holders[vid]), vid[1]))
 
-    async def _decode(self, vid, groups, holders, claims, nodes) -> Version:  # noqa: ANN001
+    async def _decode(self, vid: tuple[int, bytes], groups: dict, holders: dict, claims: dict, nodes: dict) -> Version:
         for nid, held in claims.items():
             if nid not in holders[vid] and held and max(held.values()) < vid[0]:
                 self._problem(nodes[nid], f"serves an older version (seqnum {max(held.values())} < {vid[0]})")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -19,9 +19,30 @@ from tahoefs.formats.hashing import b32encode
 from tahoefs.limits import NODE_STALL_TIMEOUT
 
 CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+SHARE_NUM_RE = re.compile(r"0|[1-9][0-9]{0,2}")
+SEQNUM_RE = re.compile(r"0|[1-9][0-9]{0,18}")
+SEQNUM_LIMIT = 1 << 63
 MAX_JSON_BYTES = 1024 * 1024
 # A share PUT waits for the node to fsync and commit the whole share before it answers.
 COMMIT_TIMEOUT = 300.0
+
+
+class MutableSlotInfo(NamedTuple):
+    """One slot as a node lists it: the seqnum of its last accepted write and its length in bytes."""
+
+    seqnum: int
+    length: int
+
+
+class TestFailedError(NodeError):
+    """A slot write was refused because the slot does not hold the test seqnum (HTTP 409).
+    `current_seqnum` is what the node says it holds: 0 when it has no such slot."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, node: str, message: str, current_seqnum: int) -> None:
+        super().__init__(node, message)
+        self.current_seqnum = current_seqnum
 
 
 class NodeClient:
@@ -41,6 +62,10 @@ class NodeClient:
         base = f"{self.url}/v1/immutable/{b32encode(si)}"
         return base if num is None else f"{base}/{num}"
 
+    def _slot_url(self, si: bytes, num: int | None = None) -> str:
+        base = f"{self.url}/v1/mutable/{b32encode(si)}"
+        return base if num is None else f"{base}/{num}"
+
     def _fail(self, what: str, exc: Exception) -> NodeError:
         if isinstance(exc, NodeError):
             return exc
@@ -53,15 +78,10 @@ class NodeClient:
         return NodeError(self.name, f"{what}: {exc}")
 
     async def _error_from(self, response: httpx.Response, what: str) -> NodeError:
-        body = b""
-        async for piece in response.aiter_bytes():
-            body += piece
-            if len(body) > 4096:
-                break
-        try:
-            reason = json.loads(body)["error"]
-        except (ValueError, KeyError, TypeError):
-            reason = body[:200].decode("utf-8", "replace") or response.reason_phrase
+        _payload, reason = await _error_body(response)
+        return self._error(response, what, reason)
+
+    def _error(self, response: httpx.Response, what: str, reason: str) -> NodeError:
         message = f"{what}: HTTP {response.status_code} {reason}"
         if response.status_code == 507:
             return NodeFullError(self.name, message)
@@ -132,6 +152,97 @@ class NodeClient:
         except (httpx.HTTPError, OSError) as exc:
             raise self._fail(what, exc) from None
 
+    async def list_slots(self, si: bytes) -> dict[int, MutableSlotInfo]:
+        """The mutable slots of `si` this node holds: share number -> (seqnum, length); empty if none."""
+        data = await self._get_json(self._slot_url(si), "list slots")
+        shares = data.get("shares") if isinstance(data, dict) else None
+        if not isinstance(shares, dict):
+            raise NodeError(self.name, "list slots: malformed answer")
+        slots: dict[int, MutableSlotInfo] = {}
+        for key, info in shares.items():
+            if (
+                not (isinstance(key, str) and SHARE_NUM_RE.fullmatch(key) and int(key) < 256)
+                or not isinstance(info, dict)
+                or not _is_seqnum(info.get("seqnum"))
+                or info["seqnum"] == 0
+                or not _is_int(info.get("length"))
+                or info["length"] < 0
+            ):
+                raise NodeError(self.name, "list slots: malformed answer")
+            slots[int(key)] = MutableSlotInfo(info["seqnum"], info["length"])
+        return slots
+
+    async def read_slot(self, si: bytes, num: int, limit: int) -> tuple[bytes, int]:
+        """The whole current version of slot `num` and its seqnum. NodeError "no such slot" when the
+        node holds none; NodeError when it is larger than `limit` bytes (read no further than that)."""
+        what = f"read slot {num}"
+        try:
+            async with self.http.stream("GET", self._slot_url(si, num), headers=self._auth) as response:
+                if response.status_code != 200:
+                    _payload, reason = await _error_body(response)
+                    if response.status_code == 404 and reason == "no such slot":
+                        raise NodeError(self.name, "no such slot")  # not "unknown path" from an old node
+                    raise self._error(response, what, reason)
+                seqnum_text = response.headers.get("x-tahoefs-seqnum", "")
+                if not SEQNUM_RE.fullmatch(seqnum_text) or not 0 < int(seqnum_text) < SEQNUM_LIMIT:
+                    raise NodeError(self.name, f"{what}: missing or malformed x-tahoefs-seqnum")
+                declared = response.headers.get("content-length", "")
+                if re.fullmatch(r"[0-9]{1,19}", declared) and int(declared) > limit:
+                    raise NodeError(self.name, f"{what}: slot is larger than the {limit} bytes allowed")
+                data = await _read_bounded(response, limit, self.name)
+            return data, int(seqnum_text)
+        except (httpx.HTTPError, OSError) as exc:
+            raise self._fail(what, exc) from None
+
+    async def write_slot(
+        self, si: bytes, num: int, data: bytes, write_enabler: bytes, test_seqnum: int, new_seqnum: int
+    ) -> None:
+        """Test-and-set: make `data` slot `num`'s version `new_seqnum` if the slot now holds
+        `test_seqnum` (0: the slot must not exist yet). Returns once the node committed it durably.
+        Raises TestFailedError (with the slot's `current_seqnum`) when the test fails, NodeFullError on
+        507, NodeError for anything else (wrong write enabler: 403)."""
+        what = f"write slot {num}"
+        headers = {
+            **self._auth,
+            "x-tahoefs-write-enabler": write_enabler.hex(),
+            "x-tahoefs-test-seqnum": str(test_seqnum),
+            "x-tahoefs-new-seqnum": str(new_seqnum),
+        }
+        timeout = httpx.Timeout(NODE_STALL_TIMEOUT, read=COMMIT_TIMEOUT)
+        try:
+            async with self.http.stream(
+                "PUT", self._slot_url(si, num), content=data, headers=headers, timeout=timeout
+            ) as response:
+                if response.status_code != 201:
+                    payload, reason = await _error_body(response)
+                    if response.status_code == 409:
+                        current = payload.get("seqnum") if isinstance(payload, dict) else None
+                        if not _is_seqnum(current):
+                            raise NodeError(self.name, f"{what}: HTTP 409 without a valid seqnum")
+                        raise TestFailedError(self.name, f"{what}: HTTP 409 {reason}", current)
+                    raise self._error(response, what, reason)
+                body = await _read_bounded(response, MAX_JSON_BYTES, self.name)
+            try:
+                answer = json.loads(body)
+            except ValueError:
+                answer = None
+            if not isinstance(answer, dict) or answer.get("seqnum") != new_seqnum:
+                raise NodeError(self.name, f"{what}: malformed answer")
+        except (httpx.HTTPError, OSError) as exc:
+            raise self._fail(what, exc) from None
+
+    async def delete_slot(self, si: bytes, num: int, write_enabler: bytes) -> None:
+        """Remove slot `num`. NodeError for any answer but 200, including 404 (no such slot) and 403
+        (wrong write enabler)."""
+        what = f"delete slot {num}"
+        headers = {**self._auth, "x-tahoefs-write-enabler": write_enabler.hex()}
+        try:
+            async with self.http.stream("DELETE", self._slot_url(si, num), headers=headers) as response:
+                if response.status_code != 200:
+                    raise await self._error_from(response, what)
+        except (httpx.HTTPError, OSError) as exc:
+            raise self._fail(what, exc) from None
+
     async def delete_share(self, si: bytes, num: int, delete_secret: bytes) -> None:
         headers = {**self._auth, "x-tahoefs-delete-secret": delete_secret.hex()}
         try:
@@ -140,6 +251,29 @@ class NodeClient:
             raise self._fail(f"delete share {num}", exc) from None
         if response.status_code not in (200, 404):
             raise NodeError(self.name, f"delete share {num}: HTTP {response.status_code}")
+
+
+async def _error_body(response: httpx.Response) -> tuple[Any, str]:
+    """An error answer's JSON payload (None if it is not JSON) and its reason: the "error" member, else
+    the start of the body, else the HTTP reason phrase. Reads at most about 4 KiB."""
+    body = b""
+    async for piece in response.aiter_bytes():
+        body += piece
+        if len(body) > 4096:
+            break
+    try:
+        payload = json.loads(body)
+        return payload, str(payload["error"])
+    except (ValueError, KeyError, TypeError):
+        return None, body[:200].decode("utf-8", "replace") or response.reason_phrase
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_seqnum(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < SEQNUM_LIMIT
 
 
 async def _read_bounded(response: httpx.Response, limit: int, name: str) -> bytes:

@@ -15,14 +15,17 @@ from typing import Any
 
 from tahoefs import __version__
 from tahoefs.formats.share import FOOTER_SIZE, unpack_footer
-from tahoefs.limits import NODE_MAX_SHARE_BYTES
+from tahoefs.limits import NODE_MAX_SHARE_BYTES, NODE_MAX_SLOT_BYTES
 from tahoefs.storage.store import (
     NODE_HEADER_SIZE,
+    SLOT_HEADER_SIZE,
     ShareStore,
     StoreError,
     check_secret,
+    check_seqnum,
     check_share_num,
     check_storage_index,
+    check_write_enabler,
 )
 
 Scope = dict[str, Any]
@@ -31,6 +34,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 READ_CHUNK = 256 * 1024
 RANGE_RE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
+CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,19}")
 API_VERSION = 1
 
 
@@ -59,12 +63,18 @@ class NodeApp:
     """ASGI callable. One instance per node process."""
 
     def __init__(
-        self, store: ShareStore, token: str, node_id: str, max_share_bytes: int = NODE_MAX_SHARE_BYTES
+        self,
+        store: ShareStore,
+        token: str,
+        node_id: str,
+        max_share_bytes: int = NODE_MAX_SHARE_BYTES,
+        max_slot_bytes: int = NODE_MAX_SLOT_BYTES,
     ):
         self.store = store
         self._token = token.encode()
         self.node_id = node_id
         self.max_share_bytes = max_share_bytes
+        self.max_slot_bytes = max_slot_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -77,7 +87,7 @@ class NodeApp:
             self._authorize(headers)
             await self._route(scope, headers, receive, send)
         except StoreError as exc:
-            await _send_json(send, exc.status, {"error": exc.reason})
+            await _send_json(send, exc.status, {"error": exc.reason, **exc.fields})
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -105,16 +115,24 @@ class NodeApp:
                 raise StoreError(405, "method not allowed")
             await self._version(send)
             return
-        if parts[2] != "immutable" or len(parts) not in (4, 5):
+        if parts[2] not in ("immutable", "mutable") or len(parts) not in (4, 5):
             raise StoreError(404, "unknown path")
+        mutable = parts[2] == "mutable"
         si = check_storage_index(parts[3])
         if len(parts) == 4:
             if method != "GET":
                 raise StoreError(405, "method not allowed")
-            await _send_json(send, 200, {"shares": self.store.list_shares(si)})
+            if mutable:
+                slots = self.store.list_slots(si)
+                listing = {str(n): {"seqnum": st.seqnum, "length": st.length} for n, st in slots.items()}
+                await _send_json(send, 200, {"shares": listing})
+            else:
+                await _send_json(send, 200, {"shares": self.store.list_shares(si)})
             return
         num = check_share_num(parts[4])
-        if method == "GET":
+        if mutable:
+            await self._route_slot(method, si, num, headers, receive, send)
+        elif method == "GET":
             await self._read_share(si, num, headers, send)
         elif method == "PUT":
             await self._write_share(si, num, headers, receive, send)
@@ -137,8 +155,52 @@ class NodeApp:
                 "shares": self.store.share_count,
                 "share_bytes": self.store.share_bytes,
                 "max_share_bytes": self.max_share_bytes,
+                "mutable_slots": self.store.slot_count,
+                "mutable_slot_bytes": self.store.slot_bytes,
+                "max_slot_bytes": self.max_slot_bytes,
             },
         )
+
+    async def _route_slot(
+        self, method: str, si: str, num: int, headers: dict[str, str], receive: Receive, send: Send
+    ) -> None:
+        if method == "GET":
+            await self._read_slot(si, num, headers, send)
+        elif method == "PUT":
+            await self._write_slot(si, num, headers, receive, send)
+        elif method == "DELETE":
+            self.store.delete_slot(si, num, check_write_enabler(headers.get("x-tahoefs-write-enabler")))
+            await _send_json(send, 200, {"deleted": True})
+        else:
+            raise StoreError(405, "method not allowed")
+
+    async def _write_slot(
+        self, si: str, num: int, headers: dict[str, str], receive: Receive, send: Send
+    ) -> None:
+        """Test-and-set: replace slot SI/N by the body if it now holds the test seqnum (0: no slot) and,
+        when it exists, was created with this write enabler. The test is checked before the body is
+        read (fail fast) and again inside the synchronous commit, right before the replace."""
+        write_enabler = check_write_enabler(headers.get("x-tahoefs-write-enabler"))
+        test_seqnum = check_seqnum(headers.get("x-tahoefs-test-seqnum"), "x-tahoefs-test-seqnum")
+        new_seqnum = check_seqnum(headers.get("x-tahoefs-new-seqnum"), "x-tahoefs-new-seqnum")
+        if new_seqnum <= test_seqnum:
+            raise StoreError(400, "new seqnum must be greater than test seqnum")
+        declared = headers.get("content-length")
+        if declared is not None and (
+            not CONTENT_LENGTH_RE.fullmatch(declared) or int(declared) > self.max_slot_bytes
+        ):
+            raise StoreError(413, "slot is larger than this node accepts")
+        more = 0 if declared is None else int(declared)
+        with self.store.receive_slot(si, num, write_enabler, test_seqnum, new_seqnum, more) as incoming:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return  # client went away: the temp file is discarded, the old version stays
+                incoming.write(message.get("body", b""), self.max_slot_bytes)
+                if not message.get("more_body", False):
+                    break
+            incoming.commit()
+        await _send_json(send, 201, {"seqnum": new_seqnum})
 
     async def _write_share(
         self, si: str, num: int, headers: dict[str, str], receive: Receive, send: Send
@@ -174,29 +236,51 @@ class NodeApp:
     async def _read_share(self, si: str, num: int, headers: dict[str, str], send: Send) -> None:
         fd, length = self.store.open_share(si, num)
         try:
-            span = parse_range(headers.get("range"), length)
-            start, end = span if span is not None else (0, length)
-            response_headers = [
-                (b"content-type", b"application/octet-stream"),
-                (b"content-length", str(end - start).encode()),
-                (b"accept-ranges", b"bytes"),
-            ]
-            if span is not None:
-                response_headers.append((b"content-range", f"bytes {start}-{end - 1}/{length}".encode()))
-            await send(
-                {"type": "http.response.start", "status": 206 if span else 200, "headers": response_headers}
-            )
-            pos = start
-            while pos < end:
-                chunk = os.pread(fd, min(READ_CHUNK, end - pos), NODE_HEADER_SIZE + pos)
-                if not chunk:
-                    break
-                pos += len(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": pos < end})
-            if start == end:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await _send_file(send, fd, NODE_HEADER_SIZE, length, headers.get("range"))
         finally:
             os.close(fd)
+
+    async def _read_slot(self, si: str, num: int, headers: dict[str, str], send: Send) -> None:
+        """The slot's current version, like a share read, plus `x-tahoefs-seqnum`. The open fd keeps
+        serving this version even if a writer replaces the slot meanwhile."""
+        fd, state = self.store.open_slot(si, num)
+        try:
+            seqnum = [(b"x-tahoefs-seqnum", str(state.seqnum).encode())]
+            await _send_file(send, fd, SLOT_HEADER_SIZE, state.length, headers.get("range"), seqnum)
+        finally:
+            os.close(fd)
+
+
+async def _send_file(
+    send: Send,
+    fd: int,
+    offset: int,
+    length: int,
+    range_header: str | None,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """Answer with the `length` bytes at file offset `offset` of `fd`: 200 whole, or 206 for one valid
+    `Range` (416 otherwise, before anything is sent)."""
+    span = parse_range(range_header, length)
+    start, end = span if span is not None else (0, length)
+    response_headers = [
+        (b"content-type", b"application/octet-stream"),
+        (b"content-length", str(end - start).encode()),
+        (b"accept-ranges", b"bytes"),
+        *(extra_headers or []),
+    ]
+    if span is not None:
+        response_headers.append((b"content-range", f"bytes {start}-{end - 1}/{length}".encode()))
+    await send({"type": "http.response.start", "status": 206 if span else 200, "headers": response_headers})
+    pos = start
+    while pos < end:
+        chunk = os.pread(fd, min(READ_CHUNK, end - pos), offset + pos)
+        if not chunk:
+            break
+        pos += len(chunk)
+        await send({"type": "http.response.body", "body": chunk, "more_body": pos < end})
+    if start == end:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:

@@ -1,0 +1,261 @@
+"""Directories on the grid: a mutable object whose versions hold a bucket index (formats/dirformat.py).
+
+Reading one entry costs the root plus one bucket; listing streams bucket by bucket; changing one entry
+rewrites one bucket (uploaded as a small immutable file unless it fits inside the root) and publishes a
+new root. Every change goes through `modify`, which re-reads and re-applies the change when another
+writer published first, so concurrent writers never drop each other's work.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from tahoefs.errors import (
+    EntryExistsError,
+    GridError,
+    IntegrityError,
+    NoSuchEntryError,
+    NotEnoughSharesError,
+    ReadOnlyError,
+)
+from tahoefs.formats.caps import DirReadCap, DirWriteCap, FileCap, LiteralCap, parse_cap
+from tahoefs.formats.dirformat import (
+    BUCKET_INLINE_MAX,
+    BUCKET_SPLIT_BYTES,
+    KIND_DIR,
+    BucketRef,
+    Entry,
+    bucket_index,
+    check_name,
+    decode_bucket,
+    decode_root,
+    encode_bucket,
+    encode_root,
+    seal_write_cap,
+    split_entries,
+    unseal_write_cap,
+)
+from tahoefs.grid.client import GridClient
+from tahoefs.grid.delete import delete_file
+from tahoefs.grid.download import FileReader
+from tahoefs.grid.mutable import ConflictError, MutableObject, Version, delete_versions
+from tahoefs.grid.upload import BytesSource, upload
+
+MAX_ATTEMPTS = 30
+EMPTY_ROOT = encode_root([BucketRef(0, 0, inline=encode_bucket([]))])
+
+
+class Directory:
+    """One directory, writable if opened with its write cap. Use inside trio."""
+
+    def __init__(self, grid: GridClient, cap: DirWriteCap | DirReadCap) -> None:
+        self.grid = grid
+        self.cap = cap
+        self.obj = MutableObject(grid, cap)
+
+    @property
+    def writable(self) -> bool:
+        return isinstance(self.cap, DirWriteCap)
+
+    @property
+    def problems(self) -> list[str]:
+        return self.obj.problems
+
+    @classmethod
+    async def create(cls, grid: GridClient) -> Directory:
+        """A new, empty directory, published on the grid (at least a quorum of nodes)."""
+        directory = cls(grid, DirWriteCap(os.urandom(32)))
+        await directory.obj.publish(EMPTY_ROOT, None)
+        return directory
+
+    # -- reading ---------------------------------------------------------------------------------
+    async def _load(self) -> tuple[Version, list[BucketRef]]:
+        version = await self.obj.retrieve()
+        try:
+            return version, decode_root(version.plaintext)
+        except ValueError as exc:
+            raise IntegrityError("directory", f"signed directory does not parse: {exc}") from None
+
+    async def _bucket(self, ref: BucketRef) -> list[Entry]:
+        if ref.inline is not None:
+            data = ref.inline
+        else:
+            cap = parse_cap(ref.cap)
+            if not isinstance(cap, FileCap):
+                raise IntegrityError("directory", "bucket reference is not a file cap")
+            data = await FileReader(self.grid, cap).read(0, cap.size)
+        try:
+            return decode_bucket(data)
+        except ValueError as exc:
+            raise IntegrityError("directory", f"bucket does not parse: {exc}") from None
+
+    async def lookup(self, name: bytes) -> Entry | None:
+        """The entry called `name`, or None."""
+        for attempt in range(2):
+            _version, buckets = await self._load()
+            try:
+                entries = await self._bucket(buckets[bucket_index(buckets, name)])
+            except NotEnoughSharesError:
+                if attempt:
+                    raise
+                continue  # a writer replaced that bucket after we read the root: read again
+            return next((e for e in entries if e.name == name), None)
+        return None
+
+    async def get(self, name: bytes) -> Entry:
+        entry = await self.lookup(name)
+        if entry is None:
+            raise NoSuchEntryError(f"no such entry: {name.decode(errors='replace')}")
+        return entry
+
+    async def scan(self, sink: Callable[[list[Entry]], Awaitable[None]]) -> int:
+        """Feed every entry to `sink`, one bucket at a time, in stable (hash) order. Holds one bucket
+        (at most BUCKET_SPLIT_BYTES) of entries at a time. Returns the number of entries."""
+        _version, buckets = await self._load()
+        total = 0
+        for ref in buckets:
+            entries = await self._bucket(ref)
+            total += len(entries)
+            if entries:
+                await sink(entries)
+        return total
+
+    async def count(self) -> int:
+        _version, buckets = await self._load()
+        return sum(b.count for b in buckets)
+
+    def child(self, entry: Entry) -> Directory:
+        """Open a child directory: writable only if this one is (its write cap is sealed with ours)."""
+        if entry.kind != KIND_DIR:
+            raise ValueError("not a directory entry")
+        if isinstance(self.cap, DirWriteCap) and entry.sealed_write_cap:
+            try:
+                cap = parse_cap(unseal_write_cap(self.cap.seed, entry.sealed_write_cap))
+            except ValueError as exc:
+                raise IntegrityError("directory", f"child write cap does not unseal: {exc}") from None
+            if isinstance(cap, DirWriteCap):
+                return Directory(self.grid, cap)
+        cap = parse_cap(entry.cap)
+        if not isinstance(cap, DirReadCap):
+            raise IntegrityError("directory", "child directory cap is not a directory read cap")
+        return Directory(self.grid, cap)
+
+    # -- writing ---------------------------------------------------------------------------------
+    async def modify(self, name: bytes, change: Callable[[Entry | None], Entry | None]) -> Entry | None:
+        """Apply `change` to the entry called `name` and publish the result; returns the old entry.
+
+        `change(old)` returns the new entry (its name must be `name`) or None to remove it, and may
+        raise (e.g. EntryExistsError) to abort. On a conflict with another writer the whole read-change-
+        publish runs again on the new version, up to MAX_ATTEMPTS times. Old buckets' shares are deleted
+        only after the new root is on the grid."""
+        if not isinstance(self.cap, DirWriteCap):
+            raise ReadOnlyError("this directory was opened read-only (with a read cap)")
+        check_name(name)
+        for attempt in range(MAX_ATTEMPTS):
+            version, buckets = await self._load()
+            index = bucket_index(buckets, name)
+            ref = buckets[index]
+            try:
+                entries = await self._bucket(ref)
+            except NotEnoughSharesError:
+                if attempt:
+                    raise
+                continue
+            old = next((e for e in entries if e.name == name), None)
+            new = change(old)
+            if new is not None and new.name != name:
+                raise ValueError("change() must keep the entry's name")
+            entries = [e for e in entries if e.name != name] + ([new] if new is not None else [])
+            new_refs, uploaded = await self._store_bucket(ref.lo, entries)
+            if not entries and index > 0:
+                new_refs = []  # the previous bucket's range now covers this one's
+            new_buckets = buckets[:index] + new_refs + buckets[index + 1 :]
+            try:
+                await self.obj.publish(encode_root(new_buckets), version)
+            except ConflictError:
+                await self._forget(uploaded)
+                await trio.sleep(random.uniform(0, 0.05 * (attempt + 1)))
+                continue
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._forget(uploaded)
+                raise
+            if ref.cap:
+                await self._forget([ref.cap])
+            return old
+        raise GridError(f"gave up changing the directory after {MAX_ATTEMPTS} conflicting writers")
+
+    async def _store_bucket(self, lo: int, entries: list[Entry]) -> tuple[list[BucketRef], list[str]]:
+        """Bucket refs for these entries (split when large); uploads the ones too big to inline."""
+        encoded = encode_bucket(entries)
+        pieces = split_entries(lo, entries) if len(encoded) > BUCKET_SPLIT_BYTES else [(lo, entries)]
+        refs, uploaded = [], []
+        for piece_lo, piece in pieces:
+            data = encoded if len(pieces) == 1 else encode_bucket(piece)
+            if len(data) <= BUCKET_INLINE_MAX:
+                refs.append(BucketRef(piece_lo, len(piece), inline=data))
+            else:
+                cap = str(await upload(self.grid, BytesSource(data)))
+                uploaded.append(cap)
+                refs.append(BucketRef(piece_lo, len(piece), cap=cap))
+        return refs, uploaded
+
+    async def _forget(self, caps: list[str]) -> None:
+        for text in caps:
+            cap = parse_cap(text)
+            if isinstance(cap, FileCap | LiteralCap):
+                await delete_file(self.grid, cap)
+
+    async def link(self, entry: Entry, replace: bool = False) -> Entry | None:
+        """Add `entry`; with replace=False an existing name raises EntryExistsError. Returns the
+        entry it replaced, if any (whose data the caller may now delete)."""
+
+        def change(old: Entry | None) -> Entry:
+            if old is not None and not replace:
+                raise EntryExistsError(f"already exists: {entry.name.decode(errors='replace')}")
+            return entry
+
+        return await self.modify(entry.name, change)
+
+    async def unlink(self, name: bytes) -> Entry:
+        """Remove `name`; returns its entry. Raises NoSuchEntryError."""
+
+        def change(old: Entry | None) -> None:
+            if old is None:
+                raise NoSuchEntryError(f"no such entry: {name.decode(errors='replace')}")
+            return None
+
+        old = await self.modify(name, change)
+        assert old is not None
+        return old
+
+    async def mkdir(
+        self, name: bytes, mode: int = 0o755, uid: int = 0, gid: int = 0, mtime_ns: int = 0
+    ) -> Directory:
+        """Create an empty child directory called `name` and link it; returns it (writable)."""
+        if not isinstance(self.cap, DirWriteCap):
+            raise ReadOnlyError("this directory was opened read-only (with a read cap)")
+        child = await Directory.create(self.grid)
+        assert isinstance(child.cap, DirWriteCap)
+        entry = Entry(
+            name,
+            KIND_DIR,
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            mtime_ns=mtime_ns,
+            ctime_ns=mtime_ns,
+            cap=str(child.cap.read_cap()),
+            sealed_write_cap=seal_write_cap(self.cap.seed, str(child.cap)),
+        )
+        try:
+            await self.link(entry)
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                await delete_versions(self.grid, child.cap)
+            raise
+        return child
