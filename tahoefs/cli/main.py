@@ -13,7 +13,7 @@ import trio
 
 from tahoefs import __version__
 from tahoefs.cli import home, localgrid, tree
-from tahoefs.errors import GridError, TahoefsError, UsageError
+from tahoefs.errors import TahoefsError, UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -73,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="TARGET")
     p.add_argument("-l", dest="long", action="store_true", help="long listing")
     p.add_argument("--json", action="store_true", help="a JSON array of entries")
+    p = sub.add_parser(
+        "alias", parents=[common], help="name a cap (e.g. a root cap brought from another machine)"
+    )
+    asub = p.add_subparsers(dest="alias_command", metavar="ACTION", parser_class=_Parser)
+    asub.required = True
+    q = asub.add_parser("add", parents=[common], help="save CAP as alias NAME")
+    q.add_argument("name")
+    q.add_argument("cap")
+    asub.add_parser("list", parents=[common], help="show the aliases")
     p = sub.add_parser("mkdir", parents=[common], help="create a directory on the grid")
     p.add_argument("target", metavar="TARGET")
     return parser
@@ -202,6 +211,20 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_alias(args: argparse.Namespace) -> int:
+    from tahoefs.formats.caps import DirReadCap, DirWriteCap, parse_cap
+
+    if args.alias_command == "add":
+        cap = parse_cap(args.cap)
+        if not isinstance(cap, DirWriteCap | DirReadCap):
+            raise UsageError("an alias names a directory: give a tahoefs:dir or tahoefs:dir-ro cap")
+        tree.save_alias(args.name, str(cap))
+    else:
+        for name, cap in sorted(tree.load_aliases().items()):
+            print(f"{name}: {cap}")
+    return EXIT_OK
+
+
 def _cmd_mkdir(args: argparse.Namespace) -> int:
     trio.run(tree.mkdir, home.load_grid_config(args.grid), home.client_secret(), args.target)
     return EXIT_OK
@@ -215,6 +238,7 @@ COMMANDS = {
     "mkfs": _cmd_mkfs,
     "ls": _cmd_ls,
     "mkdir": _cmd_mkdir,
+    "alias": _cmd_alias,
 }
 
 

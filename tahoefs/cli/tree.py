@@ -16,6 +16,8 @@ from pathlib import Path
 
 import trio
 
+from tahoefs.cli import home
+from tahoefs.cli.progress import Progress
 from tahoefs.errors import NoSuchEntryError, NotADirError, UsageError
 from tahoefs.formats.caps import DirReadCap, DirWriteCap, FileCap, LiteralCap, parse_cap
 from tahoefs.formats.dirformat import INLINE_FILE_MAX, KIND_DIR, KIND_FILE, KIND_NAMES, KIND_SYMLINK, Entry
@@ -24,8 +26,6 @@ from tahoefs.grid.config import GridConfig
 from tahoefs.grid.delete import delete_file
 from tahoefs.grid.directory import Directory
 from tahoefs.grid.upload import upload
-from tahoefs.cli import home
-from tahoefs.cli.progress import Progress
 
 ALIAS_FILE = "aliases.toml"
 
@@ -139,7 +139,9 @@ def entry_line(entry: Entry, long: bool) -> str:
         return name + ("/" if entry.kind == KIND_DIR else "")
     kind_bit = {KIND_FILE: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_SYMLINK: stat.S_IFLNK}[entry.kind]
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.mtime_ns / 1e9))
-    line = f"{stat.filemode(kind_bit | entry.mode)} {entry.uid:>5} {entry.gid:>5} {entry.size:>12} {when} {name}"
+    line = (
+        f"{stat.filemode(kind_bit | entry.mode)} {entry.uid:>5} {entry.gid:>5} {entry.size:>12} {when} {name}"
+    )
     if entry.kind == KIND_SYMLINK:
         line += f" -> {os.fsdecode(entry.target)}"
     return line
@@ -170,7 +172,9 @@ async def ls(config: GridConfig, secret: bytes, text: str, long: bool, as_json: 
     async with GridClient(config, secret) as grid:
         if isinstance(target.cap, FileCap | LiteralCap) and not target.path:
             size = target.cap.size
-            line = json.dumps([{"kind": "file", "size": size, "cap": str(target.cap)}]) if as_json else str(size)
+            line = (
+                json.dumps([{"kind": "file", "size": size, "cap": str(target.cap)}]) if as_json else str(size)
+            )
             print(line)
             return []
         if target.path:

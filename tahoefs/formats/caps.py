@@ -135,7 +135,9 @@ class DirWriteCap:
         return ECC.construct(curve="Ed25519", seed=self.seed).public_key().export_key(format="raw")
 
     def read_cap(self) -> DirReadCap:
-        return DirReadCap(tagged_hash(TAG_MUTABLE_READ_KEY, self.seed), tagged_hash(TAG_MUTABLE_VK, self.verifying_key))
+        return DirReadCap(
+            tagged_hash(TAG_MUTABLE_READ_KEY, self.seed), tagged_hash(TAG_MUTABLE_VK, self.verifying_key)
+        )
 
     @property
     def storage_index(self) -> bytes:
@@ -207,7 +209,9 @@ def parse_cap(text: str) -> Cap:
     if kind in ("dir-ro", "dir-verify"):
         if len(fields) != 2:
             raise BadCapError(f"malformed {kind} capability: expected 2 fields after the version")
-        first = _b32_field(fields[0], "read key" if kind == "dir-ro" else "storage index", 32 if kind == "dir-ro" else 16)
+        first = _b32_field(
+            fields[0], "read key" if kind == "dir-ro" else "storage index", 32 if kind == "dir-ro" else 16
+        )
         vk_hash = _b32_field(fields[1], "key hash", 32)
         return DirReadCap(first, vk_hash) if kind == "dir-ro" else DirVerifyCap(first, vk_hash)
     raise BadCapError(f"unknown capability kind {kind!r}")

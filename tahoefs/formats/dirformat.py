@@ -18,6 +18,7 @@ Every parser here raises only ValueError on malformed input and never allocates 
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from dataclasses import dataclass, field
@@ -72,7 +73,9 @@ class Entry:
         parts = [
             struct.pack(">H", len(self.name)),
             self.name,
-            struct.pack(">BIIIQqq", self.kind, self.mode, self.uid, self.gid, self.size, self.mtime_ns, self.ctime_ns),
+            struct.pack(
+                ">BIIIQqq", self.kind, self.mode, self.uid, self.gid, self.size, self.mtime_ns, self.ctime_ns
+            ),
             struct.pack(">H", len(cap)),
             cap,
             struct.pack(">H", len(self.sealed_write_cap)),
@@ -194,7 +197,7 @@ def decode_root(data: bytes) -> list[BucketRef]:
             raise ValueError("bad bucket reference")
     if not r.done():
         raise ValueError("trailing bytes after the buckets")
-    if buckets[0].lo != 0 or any(a.lo >= b.lo for a, b in zip(buckets, buckets[1:], strict=False)):
+    if buckets[0].lo != 0 or any(a.lo >= b.lo for a, b in itertools.pairwise(buckets)):
         raise ValueError("bucket ranges are not ordered")
     return buckets
 
@@ -221,7 +224,11 @@ def split_entries(lo: int, entries: list[Entry]) -> list[tuple[int, list[Entry]]
     current_lo, size = lo, 4
     for e in ordered:
         n = len(e.encode())
-        if current and size + n > BUCKET_SPLIT_BYTES // 2 and name_hash(e.name) != name_hash(current[-1].name):
+        if (
+            current
+            and size + n > BUCKET_SPLIT_BYTES // 2
+            and name_hash(e.name) != name_hash(current[-1].name)
+        ):
             out.append((current_lo, current))
             current, current_lo, size = [], name_hash(e.name), 4
         current.append(e)
@@ -252,4 +259,3 @@ def unseal_write_cap(parent_seed: bytes, sealed: bytes) -> str:
     if not text.isascii():
         raise ValueError("sealed write cap does not decrypt")
     return text.decode()
-

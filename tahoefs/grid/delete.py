@@ -22,7 +22,7 @@ async def delete_file(grid: GridClient, cap: FileCap | LiteralCap) -> int:
     async with trio.open_nursery() as nursery:
         for node in grid.nodes:
 
-            async def one(node=node) -> None:  # noqa: ANN001
+            async def one(node=node) -> None:
                 nonlocal deleted
                 with contextlib.suppress(NodeError), trio.move_on_after(NODE_STALL_TIMEOUT):
                     for num in await node.list_shares(si):

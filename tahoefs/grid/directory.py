@@ -46,6 +46,7 @@ from tahoefs.grid.mutable import ConflictError, MutableObject, Version, delete_v
 from tahoefs.grid.upload import BytesSource, upload
 
 MAX_ATTEMPTS = 30
+Change = Callable[["Entry | None"], "Entry | None"]
 EMPTY_ROOT = encode_root([BucketRef(0, 0, inline=encode_bucket([]))])
 
 
@@ -145,35 +146,60 @@ class Directory:
         return Directory(self.grid, cap)
 
     # -- writing ---------------------------------------------------------------------------------
-    async def modify(self, name: bytes, change: Callable[[Entry | None], Entry | None]) -> Entry | None:
+    async def modify(self, name: bytes, change: Change) -> Entry | None:
         """Apply `change` to the entry called `name` and publish the result; returns the old entry.
 
         `change(old)` returns the new entry (its name must be `name`) or None to remove it, and may
-        raise (e.g. EntryExistsError) to abort. On a conflict with another writer the whole read-change-
-        publish runs again on the new version, up to MAX_ATTEMPTS times. Old buckets' shares are deleted
-        only after the new root is on the grid."""
+        raise (e.g. EntryExistsError) to abort. See modify_many for the guarantees."""
+        return (await self.modify_many({name: change}))[name]
+
+    async def modify_many(self, changes: dict[bytes, Change]) -> dict[bytes, Entry | None]:
+        """Apply several changes in one new version; returns {name: old entry}.
+
+        On a conflict with another writer the whole read-change-publish runs again on the new version
+        (the changes are called again), up to MAX_ATTEMPTS times. Costs the root plus each touched
+        bucket, read and rewritten. Old buckets' shares are deleted only after the new root is on
+        the grid."""
         if not isinstance(self.cap, DirWriteCap):
             raise ReadOnlyError("this directory was opened read-only (with a read cap)")
-        check_name(name)
+        for name in changes:
+            check_name(name)
         for attempt in range(MAX_ATTEMPTS):
             version, buckets = await self._load()
-            index = bucket_index(buckets, name)
-            ref = buckets[index]
+            by_bucket: dict[int, list[bytes]] = {}
+            for name in changes:
+                by_bucket.setdefault(bucket_index(buckets, name), []).append(name)
+            olds: dict[bytes, Entry | None] = {}
+            replaced: dict[int, list[BucketRef]] = {}
+            uploaded: list[str] = []
             try:
-                entries = await self._bucket(ref)
+                for index, names in sorted(by_bucket.items()):
+                    ref = buckets[index]
+                    current = {e.name: e for e in await self._bucket(ref)}
+                    for name in names:
+                        olds[name] = current.get(name)
+                        new = changes[name](olds[name])
+                        if new is not None and new.name != name:
+                            raise ValueError("change() must keep the entry's name")
+                        current.pop(name, None)
+                        if new is not None:
+                            current[name] = new
+                    refs, more = await self._store_bucket(ref.lo, list(current.values()))
+                    uploaded += more
+                    replaced[index] = [] if not current and index > 0 else refs
             except NotEnoughSharesError:
+                await self._forget(uploaded)
                 if attempt:
                     raise
-                continue
-            old = next((e for e in entries if e.name == name), None)
-            new = change(old)
-            if new is not None and new.name != name:
-                raise ValueError("change() must keep the entry's name")
-            entries = [e for e in entries if e.name != name] + ([new] if new is not None else [])
-            new_refs, uploaded = await self._store_bucket(ref.lo, entries)
-            if not entries and index > 0:
-                new_refs = []  # the previous bucket's range now covers this one's
-            new_buckets = buckets[:index] + new_refs + buckets[index + 1 :]
+                continue  # a bucket was replaced after we read the root: read again
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._forget(uploaded)
+                raise
+            new_buckets: list[BucketRef] = []
+            for index, ref in enumerate(buckets):
+                # An emptied bucket disappears: the previous bucket's range then covers it.
+                new_buckets += replaced.get(index, [ref])
             try:
                 await self.obj.publish(encode_root(new_buckets), version)
             except ConflictError:
@@ -184,9 +210,8 @@ class Directory:
                 with trio.CancelScope(shield=True):
                     await self._forget(uploaded)
                 raise
-            if ref.cap:
-                await self._forget([ref.cap])
-            return old
+            await self._forget([buckets[i].cap for i in replaced if buckets[i].cap])
+            return olds
         raise GridError(f"gave up changing the directory after {MAX_ATTEMPTS} conflicting writers")
 
     async def _store_bucket(self, lo: int, entries: list[Entry]) -> tuple[list[BucketRef], list[str]]:

@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 
 import trio
 
-from tahoefs.errors import GridError, IntegrityError, NodeError, NotEnoughSharesError, UploadUnhappyError, ungrouped
+from tahoefs.errors import (
+    GridError,
+    IntegrityError,
+    NodeError,
+    NotEnoughSharesError,
+    UploadUnhappyError,
+    ungrouped,
+)
 from tahoefs.formats.caps import DirReadCap, DirVerifyCap, DirWriteCap
 from tahoefs.formats.mutable import MutableShare, decode_version, encode_version, parse_share, write_enabler
 from tahoefs.grid.client import GridClient
@@ -135,7 +142,9 @@ class MutableObject:
             return None
         return max(ok, key=lambda vid: (vid[0], len(holders[vid]), vid[1]))
 
-    async def _decode(self, vid: tuple[int, bytes], groups: dict, holders: dict, claims: dict, nodes: dict) -> Version:
+    async def _decode(
+        self, vid: tuple[int, bytes], groups: dict, holders: dict, claims: dict, nodes: dict
+    ) -> Version:
         for nid, held in claims.items():
             if nid not in holders[vid] and held and max(held.values()) < vid[0]:
                 self._problem(nodes[nid], f"serves an older version (seqnum {max(held.values())} < {vid[0]})")
