@@ -52,4 +52,6 @@ def test_put_and_get_peak_rss_does_not_grow_with_file_size(grid: LocalGrid, tmp_
         assert (tmp_path / "back").stat().st_size == size
     for name, (small, large) in peaks.items():
         assert large <= BUDGET_MIB, f"{name}: {large:.1f} MiB peak"
-        assert large - small <= GROWTH_MIB, f"{name}: grew {large - small:.1f} MiB ({small:.1f} -> {large:.1f})"
+        assert large - small <= GROWTH_MIB, (
+            f"{name}: grew {large - small:.1f} MiB ({small:.1f} -> {large:.1f})"
+        )
