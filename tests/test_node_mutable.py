@@ -20,7 +20,7 @@ from tahoefs.errors import NodeError, NodeFullError
 from tahoefs.limits import NODE_MAX_SLOT_BYTES
 from tahoefs.storage.client import MutableSlotInfo, NodeClient
 from tahoefs.storage.client import TestFailedError as SlotTestFailedError
-from tests.test_node import Node, start_node, stop_node
+from tests.test_node import Node, a_share, put, start_node, stop_node
 
 SI = "a" * 26
 SI_BYTES = bytes(16)  # base32 "aaaa...": SI
@@ -437,8 +437,6 @@ def test_delete_needs_the_write_enabler(node: Node) -> None:
 
 
 def test_immutable_shares_and_slots_do_not_mix(node: Node) -> None:
-    from tests.test_node import a_share, put
-
     with node.client() as c:
         assert put(c, a_share(0)).status_code == 201
         assert listing(c) == {}
@@ -570,11 +568,17 @@ def test_node_client_reports_a_full_node_and_an_unreachable_one(tmp_path: Path) 
     run_client(n, gone)  # the node has stopped: nothing listens on its port
 
 
-def fake_node_client(
-    handler: Callable[[httpx.Request], httpx.Response],
-) -> tuple[httpx.AsyncClient, NodeClient]:
+def fake_node_client(status: int, body: object, headers: dict[str, str] | None = None) -> NodeClient:
+    """A NodeClient whose "node" answers every request with `status` and `body` (bytes as they are,
+    anything else as JSON), streamed like a real answer. Use inside `async with nc.http:`."""
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        all_headers = {"content-length": str(len(content)), **(headers or {})}
+        return httpx.Response(status, headers=all_headers, stream=httpx.ByteStream(content))
+
     http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    return http, NodeClient(http, "http://fake", "token", "fake-id", "fake")
+    return NodeClient(http, "http://fake", "token", "fake-id", "fake")
 
 
 @pytest.mark.parametrize(
@@ -599,8 +603,8 @@ def fake_node_client(
 )
 def test_node_client_refuses_malformed_slot_listings(answer: object) -> None:
     async def main() -> None:
-        http, nc = fake_node_client(lambda request: httpx.Response(200, json=answer))
-        async with http:
+        nc = fake_node_client(200, answer)
+        async with nc.http:
             with pytest.raises(NodeError, match="malformed"):
                 await nc.list_slots(SI_BYTES)
 
@@ -608,21 +612,22 @@ def test_node_client_refuses_malformed_slot_listings(answer: object) -> None:
 
 
 @pytest.mark.parametrize(
-    ("response", "expected"),
+    ("status", "body", "expected"),
     [
-        (httpx.Response(409, json={"error": "test failed"}), "without a valid seqnum"),
-        (httpx.Response(409, json={"error": "test failed", "seqnum": -2}), "without a valid seqnum"),
-        (httpx.Response(409, text="conflict"), "without a valid seqnum"),
-        (httpx.Response(201, json={"seqnum": 3}), "malformed answer"),  # not the seqnum written
-        (httpx.Response(201, text="ok"), "malformed answer"),
-        (httpx.Response(200, json={"seqnum": 2}), "HTTP 200"),
-        (httpx.Response(404, json={"error": "unknown path"}), "unknown path"),  # a node without slots
+        (409, {"error": "test failed"}, "without a valid seqnum"),
+        (409, {"error": "test failed", "seqnum": -2}, "without a valid seqnum"),
+        (409, {"error": "test failed", "seqnum": "1"}, "without a valid seqnum"),
+        (409, b"conflict", "without a valid seqnum"),
+        (201, {"seqnum": 3}, "malformed answer"),  # not the seqnum written
+        (201, b"ok", "malformed answer"),
+        (200, {"seqnum": 2}, "HTTP 200"),
+        (404, {"error": "unknown path"}, "unknown path"),  # a node without slots
     ],
 )
-def test_node_client_refuses_odd_write_answers(response: httpx.Response, expected: str) -> None:
+def test_node_client_refuses_odd_write_answers(status: int, body: object, expected: str) -> None:
     async def main() -> None:
-        http, nc = fake_node_client(lambda request: response)
-        async with http:
+        nc = fake_node_client(status, body)
+        async with nc.http:
             with pytest.raises(NodeError, match=expected) as caught:
                 await nc.write_slot(SI_BYTES, 0, b"x", bytes(32), 1, 2)
             assert not isinstance(caught.value, SlotTestFailedError)
@@ -631,20 +636,23 @@ def test_node_client_refuses_odd_write_answers(response: httpx.Response, expecte
 
 
 @pytest.mark.parametrize(
-    ("response", "expected"),
+    ("status", "body", "seqnum", "expected"),
     [
-        (httpx.Response(200, content=b"data"), "x-tahoefs-seqnum"),
-        (httpx.Response(200, content=b"data", headers={"x-tahoefs-seqnum": "0"}), "x-tahoefs-seqnum"),
-        (httpx.Response(200, content=b"data", headers={"x-tahoefs-seqnum": "07"}), "x-tahoefs-seqnum"),
-        (httpx.Response(200, content=b"x" * 11, headers={"x-tahoefs-seqnum": "1"}), "larger than"),
-        (httpx.Response(404, json={"error": "unknown path"}), "HTTP 404 unknown path"),
-        (httpx.Response(206, content=b"data", headers={"x-tahoefs-seqnum": "1"}), "HTTP 206"),
+        (200, b"data", None, "x-tahoefs-seqnum"),
+        (200, b"data", "0", "x-tahoefs-seqnum"),
+        (200, b"data", "07", "x-tahoefs-seqnum"),
+        (200, b"data", str(2**63), "x-tahoefs-seqnum"),
+        (200, b"x" * 11, "1", "larger than"),
+        (404, {"error": "unknown path"}, None, "HTTP 404 unknown path"),  # a node without slots
+        (206, b"data", "1", "HTTP 206"),
     ],
 )
-def test_node_client_refuses_odd_read_answers(response: httpx.Response, expected: str) -> None:
+def test_node_client_refuses_odd_read_answers(
+    status: int, body: object, seqnum: str | None, expected: str
+) -> None:
     async def main() -> None:
-        http, nc = fake_node_client(lambda request: response)
-        async with http:
+        nc = fake_node_client(status, body, {} if seqnum is None else {"x-tahoefs-seqnum": seqnum})
+        async with nc.http:
             with pytest.raises(NodeError, match=expected) as caught:
                 await nc.read_slot(SI_BYTES, 0, 10)
             assert caught.value.reason != "no such slot"

@@ -208,7 +208,7 @@ class NodeApp:
         secret = check_secret(headers.get("x-tahoefs-delete-secret"))
         declared = headers.get("content-length")
         if declared is not None:
-            if not declared.isdigit() or int(declared) > self.max_share_bytes:
+            if not (declared.isascii() and declared.isdigit()) or int(declared) > self.max_share_bytes:
                 raise StoreError(413, "share is larger than this node accepts")
             self.store.check_space(int(declared))
         with self.store.receive(si, num, secret) as incoming:
