@@ -10,7 +10,7 @@ import httpx
 from tahoefs.formats.hashing import TAG_DELETE_SECRET, tagged_hash
 from tahoefs.grid.config import GridConfig
 from tahoefs.limits import NODE_CONNECT_TIMEOUT, NODE_STALL_TIMEOUT
-from tahoefs.storage.client import NodeClient
+from tahoefs.storage.client import NodeClient, TransferStats
 
 
 class GridClient:
@@ -25,6 +25,7 @@ class GridClient:
         self.client_secret = client_secret
         self.http: httpx.AsyncClient | None = None
         self.nodes: list[NodeClient] = []
+        self.stats = TransferStats()
 
     async def __aenter__(self) -> GridClient:
         per_node = 2 * self.config.total + 8
@@ -36,7 +37,7 @@ class GridClient:
             trust_env=False,
         )
         self.nodes = [
-            NodeClient(self.http, node.url, node.token, node.placement_id, name=node.url)
+            NodeClient(self.http, node.url, node.token, node.placement_id, name=node.url, stats=self.stats)
             for node in self.config.nodes
         ]
         return self

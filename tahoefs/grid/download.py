@@ -44,6 +44,7 @@ class ShareSource:
     trailer: VerifiedTrailer | None = None
     seconds_per_fetch: float = 0.0
     lock: trio.Lock | None = None
+    whole: bytes | None = None  # the entire share, when the trailer probe already fetched all of it
 
     def __post_init__(self) -> None:
         self.lock = trio.Lock()
@@ -136,6 +137,10 @@ class FileReader:
                     raise IntegrityError(node.name, "share parameters disagree with the capability")
                 source.trailer = trailer
                 source._leaf_chunks.update(trailer.leaves)
+                if len(suffix) == length:
+                    # The probe fetched the whole (small) share: keep its blocks, saving one request
+                    # per block. Bounded by TRAILER_PROBE_BYTES per source.
+                    source.whole = suffix
             return source.trailer
 
     async def _leaf(self, source: ShareSource, segment: int) -> bytes:
@@ -160,9 +165,11 @@ class FileReader:
             with trio.fail_after(BLOCK_DEADLINE):
                 leaf = await self._leaf(source, segment)
                 layout = source.trailer.layout  # type: ignore[union-attr]
-                block = await source.node.read_range(
-                    self.si, source.num, layout.block_offset(segment), layout.block_size(segment)
-                )
+                start, size = layout.block_offset(segment), layout.block_size(segment)
+                if source.whole is not None:
+                    block = source.whole[start : start + size]
+                else:
+                    block = await source.node.read_range(self.si, source.num, start, size)
         except trio.TooSlowError:
             raise NodeError(source.node.name, f"stalled for more than {BLOCK_DEADLINE:.0f} s") from None
         except IntegrityError as exc:

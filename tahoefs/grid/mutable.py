@@ -110,15 +110,15 @@ class MutableObject:
         claimed = sorted({seq for held in claims.values() for seq in held.values()}, reverse=True)
         groups: dict[tuple[int, bytes], dict[int, MutableShare]] = defaultdict(dict)
         holders: dict[tuple[int, bytes], set[str]] = defaultdict(set)
-        fetched: set[tuple[str, int]] = set()
         for seq in claimed:
+            # Every share claiming this seqnum, not just k: two writers that raced may have left two
+            # different versions with one seqnum, and the one on more nodes must win (see publish).
             wanted = [(nid, num) for nid, held in claims.items() for num, s in held.items() if s == seq]
             async with trio.open_nursery() as nursery:
                 for nid, num in wanted:
 
                     async def one(nid: str = nid, num: int = num) -> None:
                         share = await self._fetch(nodes[nid], num)
-                        fetched.add((nid, num))
                         if share is not None:
                             groups[share.version_id][share.num] = share
                             holders[share.version_id].add(nid)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import httpx
@@ -25,6 +26,20 @@ SEQNUM_LIMIT = 1 << 63
 MAX_JSON_BYTES = 1024 * 1024
 # A share PUT waits for the node to fsync and commit the whole share before it answers.
 COMMIT_TIMEOUT = 300.0
+
+
+@dataclass
+class TransferStats:
+    """Payload bytes moved to and from nodes (HTTP bodies, not headers), for status and benchmarks."""
+
+    sent: int = 0
+    received: int = 0
+    requests: int = 0
+
+    async def counting(self, body: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        async for piece in body:
+            self.sent += len(piece)
+            yield piece
 
 
 class MutableSlotInfo(NamedTuple):
@@ -48,8 +63,17 @@ class TestFailedError(NodeError):
 class NodeClient:
     """Talks to one node. Share the httpx.AsyncClient (its connection pool) among all NodeClients."""
 
-    def __init__(self, http: httpx.AsyncClient, url: str, token: str, node_id: str, name: str) -> None:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        url: str,
+        token: str,
+        node_id: str,
+        name: str,
+        stats: TransferStats | None = None,
+    ) -> None:
         self.http = http
+        self.stats = stats if stats is not None else TransferStats()
         self.url = url.rstrip("/")
         self.node_id = node_id
         self.name = name
@@ -92,7 +116,7 @@ class NodeClient:
             async with self.http.stream("GET", url, headers=self._auth) as response:
                 if response.status_code != 200:
                     raise await self._error_from(response, what)
-                body = await _read_bounded(response, MAX_JSON_BYTES, self.name)
+                body = await _read_bounded(self.stats, response, MAX_JSON_BYTES, self.name)
             return json.loads(body)
         except (httpx.HTTPError, ValueError) as exc:
             raise self._fail(what, exc) from None
@@ -116,7 +140,11 @@ class NodeClient:
         timeout = httpx.Timeout(NODE_STALL_TIMEOUT, read=COMMIT_TIMEOUT)
         try:
             async with self.http.stream(
-                "PUT", self._share_url(si, num), content=body, headers=headers, timeout=timeout
+                "PUT",
+                self._share_url(si, num),
+                content=self.stats.counting(body),
+                headers=headers,
+                timeout=timeout,
             ) as response:
                 if response.status_code != 201:
                     raise await self._error_from(response, f"store share {num}")
@@ -147,7 +175,7 @@ class NodeClient:
                 m = CONTENT_RANGE_RE.match(response.headers.get("content-range", ""))
                 if not m:
                     raise NodeError(self.name, f"{what}: missing or malformed Content-Range")
-                data = await _read_bounded(response, limit, self.name)
+                data = await _read_bounded(self.stats, response, limit, self.name)
                 return data, int(m.group(3))
         except (httpx.HTTPError, OSError) as exc:
             raise self._fail(what, exc) from None
@@ -189,7 +217,7 @@ class NodeClient:
                 declared = response.headers.get("content-length", "")
                 if re.fullmatch(r"[0-9]{1,19}", declared) and int(declared) > limit:
                     raise NodeError(self.name, f"{what}: slot is larger than the {limit} bytes allowed")
-                data = await _read_bounded(response, limit, self.name)
+                data = await _read_bounded(self.stats, response, limit, self.name)
             return data, int(seqnum_text)
         except (httpx.HTTPError, OSError) as exc:
             raise self._fail(what, exc) from None
@@ -209,6 +237,8 @@ class NodeClient:
             "x-tahoefs-new-seqnum": str(new_seqnum),
         }
         timeout = httpx.Timeout(NODE_STALL_TIMEOUT, read=COMMIT_TIMEOUT)
+        self.stats.sent += len(data)
+        self.stats.requests += 1
         try:
             async with self.http.stream(
                 "PUT", self._slot_url(si, num), content=data, headers=headers, timeout=timeout
@@ -221,7 +251,7 @@ class NodeClient:
                             raise NodeError(self.name, f"{what}: HTTP 409 without a valid seqnum")
                         raise TestFailedError(self.name, f"{what}: HTTP 409 {reason}", current)
                     raise self._error(response, what, reason)
-                body = await _read_bounded(response, MAX_JSON_BYTES, self.name)
+                body = await _read_bounded(self.stats, response, MAX_JSON_BYTES, self.name)
             try:
                 answer = json.loads(body)
             except ValueError:
@@ -276,10 +306,12 @@ def _is_seqnum(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < SEQNUM_LIMIT
 
 
-async def _read_bounded(response: httpx.Response, limit: int, name: str) -> bytes:
+async def _read_bounded(stats: TransferStats, response: httpx.Response, limit: int, name: str) -> bytes:
     buf = bytearray()
+    stats.requests += 1
     async for piece in response.aiter_raw():
         buf += piece
         if len(buf) > limit:
             raise NodeError(name, f"answer larger than the {limit} bytes asked for")
+    stats.received += len(buf)
     return bytes(buf)
