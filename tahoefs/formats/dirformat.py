@@ -36,7 +36,7 @@ MAX_XATTR_VALUE = 64 * 1024
 MAX_XATTRS_PER_ENTRY = 128
 INLINE_FILE_MAX = 4096  # files up to this size live inside their directory entry
 BUCKET_INLINE_MAX = 4096  # buckets up to this encoded size live inside the root
-BUCKET_SPLIT_BYTES = 64 * 1024  # a bucket over this size is split in two
+BUCKET_SPLIT_BYTES = 32 * 1024  # a bucket over this size is split in two
 ROOT_MAGIC = b"TFDIR1"
 HASH_SPACE = 1 << 64
 

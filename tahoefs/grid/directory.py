@@ -184,7 +184,9 @@ class Directory:
                         current.pop(name, None)
                         if new is not None:
                             current[name] = new
-                    refs, more = await self._store_bucket(ref.lo, list(current.values()))
+                    refs, more = await self._store_bucket(
+                        ref.lo, list(current.values()), alone=len(buckets) == 1
+                    )
                     uploaded += more
                     replaced[index] = [] if not current and index > 0 else refs
             except NotEnoughSharesError:
@@ -214,14 +216,18 @@ class Directory:
             return olds
         raise GridError(f"gave up changing the directory after {MAX_ATTEMPTS} conflicting writers")
 
-    async def _store_bucket(self, lo: int, entries: list[Entry]) -> tuple[list[BucketRef], list[str]]:
-        """Bucket refs for these entries (split when large); uploads the ones too big to inline."""
+    async def _store_bucket(
+        self, lo: int, entries: list[Entry], alone: bool
+    ) -> tuple[list[BucketRef], list[str]]:
+        """Bucket refs for these entries (split when large). A small directory's only bucket lives in
+        the root; once a directory has several buckets every bucket is its own immutable file, so the
+        root stays a compact index (about 170 bytes per bucket) that every change rewrites."""
         encoded = encode_bucket(entries)
         pieces = split_entries(lo, entries) if len(encoded) > BUCKET_SPLIT_BYTES else [(lo, entries)]
         refs, uploaded = [], []
         for piece_lo, piece in pieces:
             data = encoded if len(pieces) == 1 else encode_bucket(piece)
-            if len(data) <= BUCKET_INLINE_MAX:
+            if alone and len(pieces) == 1 and len(data) <= BUCKET_INLINE_MAX:
                 refs.append(BucketRef(piece_lo, len(piece), inline=data))
             else:
                 cap = str(await upload(self.grid, BytesSource(data)))
