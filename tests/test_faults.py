@@ -66,3 +66,43 @@ def test_restart_of_every_node_between_write_and_read(grid: LocalGrid) -> None:
     grid.down()
     grid.up()
     assert grid.get_bytes(cap) == data
+
+
+def _set_stall_timeout(grid: LocalGrid, seconds: float) -> None:
+    path = grid.home / "grid.toml"
+    text = path.read_text()
+    if "[timeouts]" not in text:
+        path.write_text(text.replace("[encoding]", f"[timeouts]\nstall = {seconds}\n\n[encoding]", 1))
+
+
+def test_a_stalled_node_costs_at_most_its_deadline_on_read_and_write(grid: LocalGrid) -> None:
+    """SIGSTOP freezes a node: the kernel still accepts connections, nothing answers."""
+    data = os.urandom(24 * SEGMENT_SIZE + 1)
+    cap = parse_cap(grid.put_bytes(data))
+    assert isinstance(cap, FileCap)
+    holders = grid.share_files(b32encode(cap.storage_index))
+    frozen = next(node for node, files in holders.items() if files[0].name == "0")  # a primary
+    _set_stall_timeout(grid, 2.0)
+    pid = _pid(grid, frozen)
+    try:
+        # Frozen before the read: it never answers "which shares do you hold", and is simply not used.
+        os.kill(pid, signal.SIGSTOP)
+        proc = grid.run("get", str(cap), timeout=60)
+        assert proc.returncode == 0 and proc.stdout == data, proc.stderr
+        # Frozen in the middle of a read: its block requests stall, it is dropped after the deadline.
+        os.kill(pid, signal.SIGCONT)
+        started = time.monotonic()
+        reader = grid.popen("get", str(cap), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert reader.stdout is not None
+        head = reader.stdout.read(4 * SEGMENT_SIZE)
+        os.kill(pid, signal.SIGSTOP)
+        tail, err = reader.communicate(timeout=60)
+        assert reader.returncode == 0, err
+        assert head + tail == data
+        assert grid.config().nodes[frozen].url in err.decode() and b"stalled" in err
+        assert time.monotonic() - started < 40  # bounded by the deadline, not forever
+        # A write with a frozen node: the node is dropped as stalled, the other nine hold shares.
+        proc = grid.run("put", "-", input=os.urandom(SEGMENT_SIZE * 8), timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        os.kill(pid, signal.SIGCONT)

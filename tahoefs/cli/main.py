@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -250,6 +251,8 @@ def _tune_malloc(node: bool) -> None:
     Node: a 256 KiB threshold would map and fault in every 256 KiB socket read afresh (3.2 CPU-s per GiB
     received instead of 0.8, see docs/server-choice.md), so it keeps them on a heap that is not trimmed
     below 8 MiB."""
+    if os.environ.get("TAHOEFS_MALLOC_DEFAULTS"):
+        return  # for benchmarks comparing against glibc's defaults
     try:
         import ctypes
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tahoefs.errors import UsageError
+from tahoefs.limits import NODE_STALL_TIMEOUT
 
 DEFAULT_NEEDED, DEFAULT_HAPPY, DEFAULT_TOTAL = 3, 7, 10
 
@@ -40,8 +41,15 @@ class GridConfig:
     needed: int = DEFAULT_NEEDED
     happy: int = DEFAULT_HAPPY
     total: int = DEFAULT_TOTAL
+    # Seconds a node may take to answer (or take the next part of a body) before it is dropped for
+    # that operation: a stalled node costs at most this much time. [timeouts] stall = ... in the file.
+    stall_timeout: float = NODE_STALL_TIMEOUT
 
     def validate(self) -> None:
+        if not 0.1 <= self.stall_timeout <= 3600:
+            raise UsageError(
+                f"[timeouts] stall must be between 0.1 and 3600 seconds, got {self.stall_timeout}"
+            )
         if not 1 <= self.needed <= self.happy <= self.total <= 256:
             raise UsageError(
                 f"grid encoding needs 1 <= needed <= happy <= total <= 256, got "
@@ -61,6 +69,8 @@ def dump_grid(config: GridConfig) -> str:
         f"happy = {config.happy}",
         f"total = {config.total}",
     ]
+    if config.stall_timeout != NODE_STALL_TIMEOUT:
+        lines += ["", "[timeouts]", f"stall = {config.stall_timeout}"]
     for node in config.nodes:
         lines += ["", "[[nodes]]", f"url = {_quote(node.url)}", f"token = {_quote(node.token)}"]
         if node.id:
@@ -100,6 +110,7 @@ def load_grid(path: Path) -> GridConfig:
             needed=int(enc.get("needed", DEFAULT_NEEDED)),
             happy=int(enc.get("happy", DEFAULT_HAPPY)),
             total=int(enc.get("total", DEFAULT_TOTAL)),
+            stall_timeout=float(data.get("timeouts", {}).get("stall", NODE_STALL_TIMEOUT)),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UsageError(f"grid file {path} is malformed: {exc}") from None

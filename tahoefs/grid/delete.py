@@ -9,7 +9,6 @@ import trio
 from tahoefs.errors import NodeError
 from tahoefs.formats.caps import FileCap, LiteralCap
 from tahoefs.grid.client import GridClient
-from tahoefs.limits import NODE_STALL_TIMEOUT
 
 
 async def delete_file(grid: GridClient, cap: FileCap | LiteralCap) -> int:
@@ -24,7 +23,7 @@ async def delete_file(grid: GridClient, cap: FileCap | LiteralCap) -> int:
 
             async def one(node=node) -> None:
                 nonlocal deleted
-                with contextlib.suppress(NodeError), trio.move_on_after(NODE_STALL_TIMEOUT):
+                with contextlib.suppress(NodeError), trio.move_on_after(grid.stall_timeout):
                     for num in await node.list_shares(si):
                         await node.delete_share(si, num, grid.delete_secret(si, node))
                         deleted += 1

@@ -4,8 +4,8 @@ A `FileReader` serves any byte range of one immutable file. For each segment it 
 (primary shares 0..k-1 first, because decoding them is free; then the fastest nodes), fetches each
 share's trailer once (one suffix request, verified against the cap's UEB hash), then one ranged request
 per block, and checks every block against its leaf hash before decoding. A node that errors, stalls past
-BLOCK_DEADLINE or sends bytes that fail verification is dropped for the rest of this reader, named in
-`problems`, and another share takes its place.
+the grid's stall timeout or sends bytes that fail verification is dropped for the rest of this reader,
+named in `problems`, and another share takes its place.
 """
 
 from __future__ import annotations
@@ -26,12 +26,10 @@ from tahoefs.limits import (
     DOWNLOAD_WINDOW_SEGMENTS,
     LOCATE_GRACE,
     MAX_TRAILER_BYTES,
-    NODE_STALL_TIMEOUT,
     TRAILER_PROBE_BYTES,
 )
 from tahoefs.storage.client import NodeClient
 
-BLOCK_DEADLINE = NODE_STALL_TIMEOUT  # seconds for one block (or trailer) before its node is dropped
 LEAF_CHUNKS_CACHED = 2  # verified leaf chunks kept per share (128 KiB each at most)
 
 
@@ -90,7 +88,7 @@ class FileReader:
                 async def ask(node: NodeClient) -> None:
                     nonlocal pending
                     try:
-                        with trio.fail_after(BLOCK_DEADLINE):
+                        with trio.fail_after(self.grid.stall_timeout):
                             held = await node.list_shares(self.si)
                     except trio.TooSlowError:
                         self._mark_bad(node, "did not answer in time")
@@ -162,7 +160,7 @@ class FileReader:
         """One verified block, or NodeError/IntegrityError (IntegrityError names the node)."""
         started = trio.current_time()
         try:
-            with trio.fail_after(BLOCK_DEADLINE):
+            with trio.fail_after(self.grid.stall_timeout):
                 leaf = await self._leaf(source, segment)
                 layout = source.trailer.layout  # type: ignore[union-attr]
                 start, size = layout.block_offset(segment), layout.block_size(segment)
@@ -171,7 +169,9 @@ class FileReader:
                 else:
                     block = await source.node.read_range(self.si, source.num, start, size)
         except trio.TooSlowError:
-            raise NodeError(source.node.name, f"stalled for more than {BLOCK_DEADLINE:.0f} s") from None
+            raise NodeError(
+                source.node.name, f"stalled for more than {self.grid.stall_timeout:g} s"
+            ) from None
         except IntegrityError as exc:
             raise IntegrityError(source.node.name, exc.reason) from None
         if await trio.to_thread.run_sync(block_hash, block) != leaf:
@@ -232,7 +232,7 @@ class FileReader:
         sources = await self.locate()
         for src in self._choose(self.n, set(), set()):
             try:
-                with trio.fail_after(BLOCK_DEADLINE):
+                with trio.fail_after(self.grid.stall_timeout):
                     return (await self._trailer(src)).ueb.segment_size
             except trio.TooSlowError:
                 self._mark_bad(src.node, "stalled")

@@ -31,7 +31,6 @@ from tahoefs.errors import (
 from tahoefs.formats.caps import DirReadCap, DirVerifyCap, DirWriteCap
 from tahoefs.formats.mutable import MutableShare, decode_version, encode_version, parse_share, write_enabler
 from tahoefs.grid.client import GridClient
-from tahoefs.limits import NODE_STALL_TIMEOUT
 from tahoefs.storage.client import NodeClient, TestFailedError
 
 MAX_SLOT_READ = 2 * 1024 * 1024
@@ -76,7 +75,7 @@ class MutableObject:
 
                 async def ask(node: NodeClient = node) -> None:
                     try:
-                        with trio.fail_after(NODE_STALL_TIMEOUT):
+                        with trio.fail_after(self.grid.stall_timeout):
                             slots = await node.list_slots(self.si)
                         claims[node.node_id] = {num: info.seqnum for num, info in slots.items()}
                     except trio.TooSlowError:
@@ -89,7 +88,7 @@ class MutableObject:
 
     async def _fetch(self, node: NodeClient, num: int) -> MutableShare | None:
         try:
-            with trio.fail_after(NODE_STALL_TIMEOUT):
+            with trio.fail_after(self.grid.stall_timeout):
                 data, _seq = await node.read_slot(self.si, num, MAX_SLOT_READ)
             return await trio.to_thread.run_sync(parse_share, data, self.si, self.vk_hash, num)
         except trio.TooSlowError:
@@ -182,7 +181,7 @@ class MutableObject:
             enabler = write_enabler(cap, node.node_id)
             for _attempt in range(3):
                 try:
-                    with trio.fail_after(NODE_STALL_TIMEOUT):
+                    with trio.fail_after(self.grid.stall_timeout):
                         await node.write_slot(self.si, num, shares[num], enabler, expected, new_seq)
                     return True
                 except TestFailedError as exc:

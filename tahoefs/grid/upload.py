@@ -28,7 +28,6 @@ from tahoefs.grid.client import GridClient
 from tahoefs.limits import (
     HASH_CHUNK_LEAVES,
     LITERAL_MAX,
-    NODE_STALL_TIMEOUT,
     SEGMENT_SIZE,
     UPLOAD_WINDOW_SEGMENTS,
 )
@@ -189,14 +188,14 @@ class _Upload:
         for share in self.shares:
             if share.error is not None:
                 continue
-            with trio.move_on_after(NODE_STALL_TIMEOUT) as scope:
+            with trio.move_on_after(self.grid.stall_timeout) as scope:
                 # A closed channel means the writer failed meanwhile; _fail_share recorded why.
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await self.senders[share.num].send(blocks[share.num])
             if scope.cancelled_caught:
                 name = share.node.name if share.node else "?"
                 self._fail_share(
-                    share, NodeError(name, f"stalled: took no data for {NODE_STALL_TIMEOUT:.0f} s")
+                    share, NodeError(name, f"stalled: took no data for {self.grid.stall_timeout:g} s")
                 )
 
     async def _produce(self, source: ByteSource, first: bytes) -> int:

@@ -17,7 +17,6 @@ import httpx
 
 from tahoefs.errors import NodeError, NodeFullError
 from tahoefs.formats.hashing import b32encode
-from tahoefs.limits import NODE_STALL_TIMEOUT
 
 CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 SHARE_NUM_RE = re.compile(r"0|[1-9][0-9]{0,2}")
@@ -137,7 +136,7 @@ class NodeClient:
     async def put_share(self, si: bytes, num: int, body: AsyncIterable[bytes], delete_secret: bytes) -> None:
         """Stream a whole share; returns once the node has committed it durably."""
         headers = {**self._auth, "x-tahoefs-delete-secret": delete_secret.hex()}
-        timeout = httpx.Timeout(NODE_STALL_TIMEOUT, read=COMMIT_TIMEOUT)
+        timeout = httpx.Timeout(self.http.timeout.write, read=COMMIT_TIMEOUT)
         try:
             async with self.http.stream(
                 "PUT",
@@ -236,7 +235,7 @@ class NodeClient:
             "x-tahoefs-test-seqnum": str(test_seqnum),
             "x-tahoefs-new-seqnum": str(new_seqnum),
         }
-        timeout = httpx.Timeout(NODE_STALL_TIMEOUT, read=COMMIT_TIMEOUT)
+        timeout = httpx.Timeout(self.http.timeout.write, read=COMMIT_TIMEOUT)
         self.stats.sent += len(data)
         self.stats.requests += 1
         try:
