@@ -40,7 +40,7 @@ async def put(config: GridConfig, secret: bytes, path: str) -> str:
     progress = Progress("put", size)
     try:
         async with GridClient(config, secret) as grid:
-            cap = await upload(grid, trio.wrap_file(raw), progress.update)  # type: ignore[arg-type]
+            cap = await upload(grid, trio.wrap_file(raw), progress.update, size)  # type: ignore[arg-type]
     finally:
         progress.finish()
         if raw is not sys.stdin.buffer:

@@ -252,7 +252,8 @@ async def put_at(config: GridConfig, secret: bytes, source: str, dest: str) -> s
             else:
                 progress = Progress("put", src_stat.st_size if src_stat else None)
                 try:
-                    cap = await upload(grid, _Prefixed(head, trio.wrap_file(raw)), progress.update)
+                    size = src_stat.st_size if src_stat and stat.S_ISREG(src_stat.st_mode) else None
+                    cap = await upload(grid, _Prefixed(head, trio.wrap_file(raw)), progress.update, size)
                 finally:
                     progress.finish()
                 entry.cap, entry.size, cap_text = str(cap), cap.size, str(cap)

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-from tahoefs.errors import GridFullError, NodeError, NodeFullError, UploadUnhappyError, ungrouped
+from tahoefs.errors import GridFullError, NodeError, NodeFullError, UploadUnhappyError, UsageError, ungrouped
 from tahoefs.formats.caps import FileCap, LiteralCap
 from tahoefs.formats.codec import encode_segment
 from tahoefs.formats.hashing import storage_index_for_key
-from tahoefs.formats.share import UEB, ChunkedLeafHasher, build_trailer_tail, share_roots_hash
+from tahoefs.formats.share import UEB, ChunkedLeafHasher, ShareLayout, build_trailer_tail, share_roots_hash
 from tahoefs.grid.client import GridClient
 from tahoefs.limits import (
     HASH_CHUNK_LEAVES,
@@ -91,8 +91,12 @@ class ShareUpload:
 
 
 class _Upload:
-    def __init__(self, grid: GridClient, progress: Callable[[int], None] | None) -> None:
+    def __init__(
+        self, grid: GridClient, progress: Callable[[int], None] | None, size: int | None = None
+    ) -> None:
         self.grid = grid
+        self.size = size
+        self.share_length = None if size is None else share_length(size, grid.needed, grid.total)
         self.k, self.n, self.happy = grid.needed, grid.total, grid.happy
         self.key = os.urandom(32)
         self.si = storage_index_for_key(self.key)
@@ -168,7 +172,11 @@ class _Upload:
                 node = share.node
                 try:
                     await node.put_share(
-                        self.si, share.num, self._body(share), self.grid.delete_secret(self.si, node)
+                        self.si,
+                        share.num,
+                        self._body(share),
+                        self.grid.delete_secret(self.si, node),
+                        self.share_length,
                     )
                     share.committed = True
                     return
@@ -215,7 +223,12 @@ class _Upload:
                 self.progress(offset)
             if len(plaintext) < SEGMENT_SIZE:
                 break
-            plaintext = await read_exactly(source, SEGMENT_SIZE)
+            want = SEGMENT_SIZE if self.size is None else min(SEGMENT_SIZE, self.size - offset)
+            plaintext = await read_exactly(source, want) if want else b""
+            if self.size is not None and len(plaintext) < want:
+                raise SourceChangedError("the file shrank while it was being uploaded; try again")
+        if self.size is not None and (offset != self.size or await source.read(1)):
+            raise SourceChangedError("the file grew while it was being uploaded; try again")
         roots = [h.finish() for h in self.hashers]
         ueb = UEB(self.k, self.n, SEGMENT_SIZE, offset, HASH_CHUNK_LEAVES, share_roots_hash(roots))
         for share in self.shares:
@@ -273,18 +286,34 @@ class _Upload:
                     nursery.start_soon(delete)
 
 
+def share_length(size: int, k: int, n: int) -> int:
+    """Bytes in each share of a `size`-byte file uploaded with k-of-n (all shares are the same size)."""
+    return ShareLayout(UEB(k, n, SEGMENT_SIZE, size, HASH_CHUNK_LEAVES, bytes(32))).total_length
+
+
+class SourceChangedError(UsageError):
+    """The file's size changed between the start of its upload and its end."""
+
+
 async def upload(
-    grid: GridClient, source: ByteSource, progress: Callable[[int], None] | None = None
+    grid: GridClient,
+    source: ByteSource,
+    progress: Callable[[int], None] | None = None,
+    size: int | None = None,
 ) -> FileCap | LiteralCap:
-    """Upload everything `source` yields and return its read cap.
+    """Upload everything `source` yields and return its read cap. Pass `size` when it is known (a
+    regular file): shares then go with a Content-Length, and a file that changes size meanwhile raises
+    SourceChangedError instead of uploading something else.
 
     Returns only when at least `happy` distinct nodes committed a share (or the data fit in a literal
     cap). Raises UploadUnhappyError (GridFullError when nodes are full) otherwise, after deleting any
     shares it did place. Memory: UPLOAD_WINDOW_SEGMENTS segments of blocks plus one segment being
     encoded, whatever the size of the source."""
-    first = await read_exactly(source, SEGMENT_SIZE)
-    if len(first) <= LITERAL_MAX:
+    first = await read_exactly(source, SEGMENT_SIZE if size is None else min(size, SEGMENT_SIZE))
+    if size is not None and len(first) < min(size, SEGMENT_SIZE):
+        raise SourceChangedError("the file shrank while it was being uploaded; try again")
+    if len(first) <= LITERAL_MAX and (size is None or size == len(first)):
         if progress:
             progress(len(first))
         return LiteralCap(first)
-    return await _Upload(grid, progress).run(source, first)
+    return await _Upload(grid, progress, size).run(source, first)
