@@ -83,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name")
     q.add_argument("cap")
     asub.add_parser("list", parents=[common], help="show the aliases")
+    p = sub.add_parser("mount", parents=[common], help="mount a filesystem (returns once it answers)")
+    p.add_argument("args", nargs="+", metavar="[ALIAS|CAP] MOUNTPOINT")
+    p.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
+    p.add_argument("--read-only", action="store_true")
+    p.add_argument("--allow-other", action="store_true", help="let other users in (checked by permissions)")
+    p = sub.add_parser("umount", parents=[common], help="unmount; waits for pending work and the daemon")
+    p.add_argument("mountpoint", type=Path)
+    p = sub.add_parser("status", parents=[common], help="mounts: uploads in flight, pending saves, errors")
+    p.add_argument("mountpoint", nargs="?", type=Path)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("cap", parents=[common], help="print the read cap of a path inside a mount")
+    p.add_argument("path", type=Path)
     p = sub.add_parser("mkdir", parents=[common], help="create a directory on the grid")
     p.add_argument("target", metavar="TARGET")
     return parser
@@ -231,7 +243,82 @@ def _cmd_mkdir(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_mount(args: argparse.Namespace) -> int:
+    from tahoefs.formats.caps import DirReadCap, DirWriteCap, parse_cap
+    from tahoefs.fs.mount import run_mount
+
+    if len(args.args) > 2:
+        raise UsageError("mount takes [ALIAS|CAP] MOUNTPOINT")
+    source, mountpoint = args.args if len(args.args) == 2 else ["root", args.args[0]]
+    if source.startswith("tahoefs:"):
+        cap = parse_cap(source)
+    else:
+        aliases = tree.load_aliases()
+        if source not in aliases:
+            raise UsageError(f"no alias {source!r}: run 'tahoefs mkfs' or 'tahoefs alias add {source} CAP'")
+        cap = parse_cap(aliases[source])
+    if not isinstance(cap, DirWriteCap | DirReadCap):
+        raise UsageError("mount needs a directory cap (tahoefs:dir or tahoefs:dir-ro)")
+    run_mount(
+        home.load_grid_config(args.grid),
+        home.client_secret(),
+        cap,
+        Path(mountpoint),
+        home.home_dir(),
+        args.foreground,
+        args.read_only,
+        args.allow_other,
+    )
+    return EXIT_OK
+
+
+def _cmd_umount(args: argparse.Namespace) -> int:
+    from tahoefs.fs.mount import run_umount
+
+    run_umount(home.home_dir(), args.mountpoint)
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from tahoefs.fs.mount import mount_status
+
+    rows = mount_status(home.home_dir())
+    if args.mountpoint is not None:
+        wanted = str(args.mountpoint.expanduser().absolute())
+        rows = [r for r in rows if r["mountpoint"] == wanted]
+        if not rows:
+            raise UsageError(f"no tahoefs mount at {wanted}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no tahoefs mounts")
+    for r in rows:
+        st = r.get("status") or {}
+        print(f"{r['mountpoint']}: pid {r['pid']} {'running' if r['alive'] else 'not running'}")
+        for up in st.get("uploads", []):
+            print(f"  uploading {up['target']}: {up['bytes_done'] / 1e6:.1f} MB done")
+        for name in st.get("pending", []):
+            print(f"  not yet saved: {name}")
+        for err in st.get("errors", []):
+            print(f"  error: {err}")
+        for problem in st.get("problems", []):
+            print(f"  node problem: {problem}")
+    return EXIT_OK
+
+
+def _cmd_cap(args: argparse.Namespace) -> int:
+    from tahoefs.fs.mount import read_cap_of
+
+    print(read_cap_of(args.path))
+    return EXIT_OK
+
+
 COMMANDS = {
+    "mount": _cmd_mount,
+    "umount": _cmd_umount,
+    "status": _cmd_status,
+    "cap": _cmd_cap,
     "node": _cmd_node,
     "grid": _cmd_grid,
     "put": _cmd_put,

@@ -1,0 +1,276 @@
+"""Mounting: the daemon that serves a TahoeFS over FUSE, and unmounting that waits for it.
+
+`tahoefs mount` forks a daemon (unless --foreground), which connects to the grid, reads the root
+directory (failing fast if the grid cannot give it), mounts, and only then tells the waiting parent
+"ok". State per mount lives in $TAHOEFS_HOME/mounts/ID.json (pid, mount point, log) and
+ID.status.json (uploads in flight, pending saves, recent errors), refreshed every second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from tahoefs.errors import TahoefsError, UsageError
+from tahoefs.formats.caps import DirReadCap, DirWriteCap
+from tahoefs.formats.dirformat import KIND_DIR, Entry
+from tahoefs.fs.operations import TahoeFS
+from tahoefs.grid.client import GridClient
+from tahoefs.grid.config import GridConfig
+from tahoefs.grid.directory import Directory
+
+MOUNT_TIMEOUT = 60.0
+UMOUNT_WAIT = 120.0
+
+
+def mount_id(mountpoint: Path) -> str:
+    return hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
+
+
+def state_paths(home: Path, mountpoint: Path) -> tuple[Path, Path]:
+    folder = home / "mounts"
+    ident = mount_id(mountpoint)
+    return folder / f"{ident}.json", folder / f"{ident}.status.json"
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    target = str(mountpoint)
+    with open("/proc/mounts") as f:
+        return any(line.split()[1].replace("\\040", " ") == target for line in f)
+
+
+def check_mountpoint(mountpoint: Path) -> Path:
+    mountpoint = mountpoint.expanduser().absolute()
+    if not mountpoint.is_dir():
+        raise UsageError(f"mount point {mountpoint} is not an existing directory")
+    if is_mounted(mountpoint):
+        raise UsageError(f"{mountpoint} is already a mount point (tahoefs umount {mountpoint} first)")
+    return mountpoint
+
+
+async def serve(
+    config: GridConfig,
+    secret: bytes,
+    cap: DirWriteCap | DirReadCap,
+    mountpoint: Path,
+    home: Path,
+    read_only: bool,
+    allow_other: bool,
+    ready: Callable[[], None],
+) -> None:
+    """Connect, mount, serve until unmounted or signalled; then push pending work and unmount."""
+    log = logging.getLogger("tahoefs.mount")
+    async with GridClient(config, secret) as grid:
+        root = Directory(grid, cap)
+        await root.count()  # fails fast (NotEnoughSharesError) when the grid cannot give the root
+        read_only = read_only or not root.writable
+        now = time.time_ns()
+        root_entry = Entry(b"", KIND_DIR, 0o755, os.getuid(), os.getgid(), 0, now, now)
+        fs = TahoeFS(grid, root, root_entry, home / "spool", read_only)
+        options = set(pyfuse3.default_options) | {"fsname=tahoefs", "subtype=tahoefs"}
+        if read_only:
+            options.add("ro")
+        if allow_other:
+            options.add("allow_other")
+        pyfuse3.init(fs, str(mountpoint), options)
+        _state_file, status_file = state_paths(home, mountpoint)
+        try:
+            ready()
+            async with trio.open_nursery() as nursery:
+                fs.start(nursery)
+                nursery.start_soon(_write_status, fs, status_file)
+                nursery.start_soon(_on_signals)
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await fs.commit_all()
+            pyfuse3.close(unmount=True)
+            status_file.unlink(missing_ok=True)
+            log.info("unmounted %s", mountpoint)
+
+
+async def _on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for _sig in signals:
+            pyfuse3.terminate()
+            return
+
+
+async def _write_status(fs: TahoeFS, path: Path) -> None:
+    while True:
+        status = {
+            "uploads": [{"target": t, "bytes_done": d} for t, d in fs.uploads_in_flight.items()],
+            "pending": await fs.pending(),
+            "errors": fs.errors,
+            "problems": fs.cache.problems[-20:] if fs.cache else [],
+            "updated": time.time(),
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(status))
+        os.replace(tmp, path)
+        await trio.sleep(1)
+
+
+def run_mount(
+    config: GridConfig,
+    secret: bytes,
+    cap: DirWriteCap | DirReadCap,
+    mountpoint: Path,
+    home: Path,
+    foreground: bool,
+    read_only: bool,
+    allow_other: bool,
+) -> None:
+    """Mount and return once the mount answers (or serve in the foreground until unmounted).
+    Raises UsageError for a bad mount point, TahoefsError when the grid or the mount fails."""
+    mountpoint = check_mountpoint(mountpoint)
+    state_file, _status = state_paths(home, mountpoint)
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file = home / "logs" / f"mount-{mount_id(mountpoint)}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    if foreground:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        _record(state_file, os.getpid(), mountpoint, log_file)
+        try:
+            trio.run(serve, config, secret, cap, mountpoint, home, read_only, allow_other, lambda: None)
+        finally:
+            state_file.unlink(missing_ok=True)
+        return
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        _daemon(write_fd, config, secret, cap, mountpoint, home, read_only, allow_other, state_file, log_file)
+        os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        answer = pipe.readline().strip()
+    if answer != "ok":
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise TahoefsError(answer.removeprefix("error: ") or f"the mount daemon died; see {log_file}")
+
+
+def _record(state_file: Path, pid: int, mountpoint: Path, log_file: Path) -> None:
+    state_file.write_text(json.dumps({"pid": pid, "mountpoint": str(mountpoint), "log": str(log_file)}))
+
+
+def _daemon(
+    write_fd: int,
+    config: GridConfig,
+    secret: bytes,
+    cap: DirWriteCap | DirReadCap,
+    mountpoint: Path,
+    home: Path,
+    read_only: bool,
+    allow_other: bool,
+    state_file: Path,
+    log_file: Path,
+) -> None:
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(devnull, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _record(state_file, os.getpid(), mountpoint, log_file)
+    told = False
+
+    def ready() -> None:
+        nonlocal told
+        os.write(write_fd, b"ok\n")
+        os.close(write_fd)
+        told = True
+
+    try:
+        trio.run(serve, config, secret, cap, mountpoint, home, read_only, allow_other, ready)
+    except BaseException as exc:
+        logging.getLogger("tahoefs.mount").exception("mount failed")
+        if not told:
+            text = str(exc) if isinstance(exc, TahoefsError) else f"{type(exc).__name__}: {exc}"
+            os.write(write_fd, f"error: {text}\n".encode())
+            os.close(write_fd)
+    finally:
+        state_file.unlink(missing_ok=True)
+
+
+def run_umount(home: Path, mountpoint: Path) -> None:
+    """Unmount and wait until the daemon has pushed its work and exited. Raises UsageError when
+    nothing is mounted there, TahoefsError when the unmount fails (e.g. busy)."""
+    mountpoint = mountpoint.expanduser().absolute()
+    state_file, _status = state_paths(home, mountpoint)
+    pid = None
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
+        pid = int(json.loads(state_file.read_text())["pid"])
+    if not is_mounted(mountpoint):
+        if pid is None:
+            raise UsageError(f"nothing is mounted at {mountpoint}")
+    else:
+        proc = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "fusermount3 failed"
+            raise TahoefsError(f"cannot unmount {mountpoint}: {reason}")
+    if pid is not None:
+        deadline = time.monotonic() + UMOUNT_WAIT
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise TahoefsError(f"the mount daemon (pid {pid}) did not exit within {UMOUNT_WAIT:.0f} s")
+            time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(FileNotFoundError, IndexError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            return False
+    return True
+
+
+def read_cap_of(path: Path) -> str:
+    """The read cap of a file or directory inside a tahoefs mount. Raises UsageError elsewhere."""
+    try:
+        return os.getxattr(path, "user.tahoefs.cap").decode()
+    except FileNotFoundError:
+        raise UsageError(f"no such file or directory: {path}") from None
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+            raise UsageError(f"{path} is not inside a tahoefs mount") from None
+        raise UsageError(f"cannot read the cap of {path}: {exc.strerror}") from None
+
+
+def mount_status(home: Path) -> list[dict[str, object]]:
+    rows = []
+    folder = home / "mounts"
+    for state in sorted(folder.glob("*.json")) if folder.exists() else []:
+        if state.name.endswith(".status.json"):
+            continue
+        with contextlib.suppress(ValueError, OSError):
+            info = json.loads(state.read_text())
+            status_file = state.with_name(state.stem + ".status.json")
+            info["alive"] = _alive(int(info["pid"]))
+            info["status"] = json.loads(status_file.read_text()) if status_file.exists() else {}
+            rows.append(info)
+    return rows
+
+

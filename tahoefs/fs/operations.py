@@ -1,0 +1,582 @@
+"""The pyfuse3 handlers: POSIX calls mapped onto directories and files on the grid.
+
+Every namespace change (create, mkdir, symlink, unlink, rmdir, rename, setattr, setxattr) is published
+to the grid before the call returns. File content goes to a spool file; flush/fsync (the app's close or
+fsync) uploads it and records the new cap in its directory before returning. Errors are mapped to errno
+in one place (`_errno`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import errno
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from tahoefs.errors import (
+    GridError,
+    GridFullError,
+    PathError,
+    ReadOnlyError,
+    TahoefsError,
+    UsageError,
+)
+from tahoefs.formats.caps import DirWriteCap, FileCap, LiteralCap, parse_cap
+from tahoefs.formats.dirformat import (
+    INLINE_FILE_MAX,
+    KIND_DIR,
+    KIND_FILE,
+    KIND_SYMLINK,
+    MAX_XATTR_VALUE,
+    Entry,
+    seal_write_cap,
+    unseal_write_cap,
+)
+from tahoefs.fs.inodes import ROOT_INODE, Inode, InodeTable, attributes
+from tahoefs.fs.readcache import ReadCache
+from tahoefs.fs.spool import Spool
+from tahoefs.grid.client import GridClient
+from tahoefs.grid.delete import delete_file
+from tahoefs.grid.directory import Directory
+from tahoefs.grid.mutable import delete_versions
+from tahoefs.grid.upload import upload
+
+log = logging.getLogger("tahoefs.fs")
+CAP_XATTR = b"user.tahoefs.cap"  # virtual, read-only: the read cap of a file or directory
+
+
+@contextlib.contextmanager
+def _errno() -> Iterator[None]:
+    """Map tahoefs errors to FUSE errnos: the only place this happens."""
+    try:
+        yield
+    except pyfuse3.FUSEError:
+        raise
+    except ReadOnlyError:
+        raise pyfuse3.FUSEError(errno.EROFS) from None
+    except PathError as exc:
+        raise pyfuse3.FUSEError(exc.errno or errno.EINVAL) from None
+    except GridFullError as exc:
+        log.error("grid full: %s", exc)
+        raise pyfuse3.FUSEError(errno.ENOSPC) from None
+    except (GridError, TahoefsError) as exc:
+        log.error("grid error: %s", exc)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+    except ValueError as exc:  # a name or entry no directory may hold
+        log.info("invalid: %s", exc)
+        raise pyfuse3.FUSEError(errno.EINVAL) from None
+    except OSError as exc:
+        log.error("local I/O error: %s", exc)
+        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+
+
+class Handle:
+    def __init__(self, node: Inode, writable: bool) -> None:
+        self.node = node
+        self.writable = writable
+
+
+class TahoeFS(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self, grid: GridClient, root: Directory, root_entry: Entry, spool_dir: Path, read_only: bool
+    ) -> None:
+        super().__init__()
+        self.grid = grid
+        self.table = InodeTable(root, root_entry)
+        self.spool_dir = spool_dir
+        self.read_only = read_only
+        self.handles: dict[int, Handle] = {}
+        self.listings: dict[int, list[Entry]] = {}
+        self._next_fh = 1
+        self.cache: ReadCache | None = None
+        self.uploads_in_flight: dict[str, int] = {}
+        self.errors: list[str] = []
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self.cache = ReadCache(self.grid, nursery)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _dir(self, node: Inode) -> Directory:
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if node.directory is None:
+            parent = self.table[node.parent]
+            assert parent.directory is not None
+            node.directory = parent.directory.child(node.entry)
+        return node.directory
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+
+    def _new_fh(self, handle: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = handle
+        handle.node.open_handles += 1
+        return fh
+
+    async def _publish(self, node: Inode, entry: Entry) -> None:
+        """Record `entry` for `node` in its parent directory (replacing what was there)."""
+        parent = self.table[node.parent]
+        await self._dir(parent).link(entry, replace=True)
+        node.entry = entry
+
+    def _error(self, text: str) -> None:
+        self.errors = [*self.errors, f"{time.strftime('%H:%M:%S')} {text}"][-20:]
+
+    # -- names -----------------------------------------------------------------------------------
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        with _errno():
+            parent = self.table[parent_inode]
+            if name == b".":
+                parent.lookups += 1
+                return attributes(parent)
+            if name == b"..":
+                up = self.table[parent.parent]
+                up.lookups += 1
+                return attributes(up)
+            entry = await self._dir(parent).lookup(name)
+            if entry is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return attributes(self.table.remember(parent, entry))
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return attributes(self.table[inode])
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.table.forget(ino, count)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.table[inode]
+        if node.entry.kind != KIND_SYMLINK:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.entry.target
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        with _errno():
+            node = self.table[inode]
+            listing: list[Entry] = []
+
+            async def sink(entries: list[Entry]) -> None:
+                listing.extend(entries)
+
+            await self._dir(node).scan(sink)
+            fh = self._new_fh(Handle(node, False))
+            self.listings[fh] = listing  # a snapshot: offsets stay stable while the handle is open
+            return fh
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        node = self.handles[fh].node
+        listing = self.listings[fh]
+        for index in range(start_id, len(listing)):
+            entry = listing[index]
+            child = self.table.remember(node, entry)
+            if not pyfuse3.readdir_reply(token, entry.name, attributes(child), index + 1):
+                self.table.forget(child.ino, 1)
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        handle = self.handles.pop(fh)
+        self.listings.pop(fh, None)
+        self.table.release(handle.node)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return  # namespace changes are on the grid when their call returns
+
+    # -- creating and removing -------------------------------------------------------------------
+    def _new_entry(self, name: bytes, kind: int, mode: int, ctx: pyfuse3.RequestContext) -> Entry:
+        now = time.time_ns()
+        return Entry(name, kind, mode & 0o7777, ctx.uid, ctx.gid, 0, now, now)
+
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._writable()
+        with _errno():
+            parent = self.table[parent_inode]
+            now = time.time_ns()
+            await self._dir(parent).mkdir(name, mode & 0o7777, ctx.uid, ctx.gid, now)
+            entry = await self._dir(parent).get(name)
+            return attributes(self.table.remember(parent, entry))
+
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._writable()
+        with _errno():
+            parent = self.table[parent_inode]
+            entry = self._new_entry(name, KIND_SYMLINK, 0o777, ctx)
+            entry.target = target
+            await self._dir(parent).link(entry)
+            return attributes(self.table.remember(parent, entry))
+
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._writable()
+        with _errno():
+            parent = self.table[parent_inode]
+            entry = self._new_entry(name, KIND_FILE, mode, ctx)
+            await self._dir(parent).link(entry)  # visible and durable now, empty
+            node = self.table.remember(parent, entry)
+            spool = Spool(self.spool_dir)
+            spool.loaded = True
+            node.spool = spool
+            fh = self._new_fh(Handle(node, True))
+            return pyfuse3.FileInfo(fh=fh), attributes(node)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._writable()
+        with _errno():
+            parent = self.table[parent_inode]
+            directory = self._dir(parent)
+            entry = await directory.get(name)
+            if entry.kind == KIND_DIR:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            old = await directory.unlink(name)
+            self.table.detach(parent, name)
+            await self._drop_content(old)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._writable()
+        with _errno():
+            parent = self.table[parent_inode]
+            directory = self._dir(parent)
+            entry = await directory.get(name)
+            if entry.kind != KIND_DIR:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            child = directory.child(entry)
+            if await child.count():
+                raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+            await directory.unlink(name)
+            self.table.detach(parent, name)
+            if isinstance(child.cap, DirWriteCap):
+                await delete_versions(self.grid, child.cap)
+
+    async def _drop_content(self, old: Entry | None) -> None:
+        """Remove the shares of a file the tree no longer refers to (the change is on the grid)."""
+        if old is None or old.kind != KIND_FILE or not old.cap:
+            return
+        if any(n.entry.cap == old.cap and n.open_handles for n in self.table.by_ino.values()):
+            return  # still open somewhere; left for garbage collection (planned)
+        cap = parse_cap(old.cap)
+        if isinstance(cap, FileCap):
+            assert self.cache is not None
+            self.cache.drop(old.cap)
+            await delete_file(self.grid, cap)
+
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self._writable()
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        with _errno():
+            old_parent, new_parent = self.table[parent_inode_old], self.table[parent_inode_new]
+            old_dir, new_dir = self._dir(old_parent), self._dir(new_parent)
+            entry = await old_dir.get(name_old)
+            target = await new_dir.lookup(name_new)
+            if target is not None:
+                if flags & pyfuse3.RENAME_NOREPLACE:
+                    raise pyfuse3.FUSEError(errno.EEXIST)
+                if target.kind == KIND_DIR and entry.kind != KIND_DIR:
+                    raise pyfuse3.FUSEError(errno.EISDIR)
+                if entry.kind == KIND_DIR and target.kind != KIND_DIR:
+                    raise pyfuse3.FUSEError(errno.ENOTDIR)
+                if target.kind == KIND_DIR and await new_dir.child(target).count():
+                    raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+            moved = copy.deepcopy(entry)
+            moved.name = name_new
+            moved.ctime_ns = time.time_ns()
+            if old_parent.ino == new_parent.ino:
+                olds = await old_dir.modify_many({name_old: lambda _o: None, name_new: lambda _o: moved})
+                replaced = olds[name_new]
+            else:
+                if entry.kind == KIND_DIR and entry.sealed_write_cap:
+                    # A child's write cap is sealed with its parent's key: re-seal it for the new parent.
+                    if not isinstance(old_dir.cap, DirWriteCap) or not isinstance(new_dir.cap, DirWriteCap):
+                        raise ReadOnlyError("cannot move a directory out of or into a read-only one")
+                    write_cap = unseal_write_cap(old_dir.cap.seed, entry.sealed_write_cap)
+                    moved.sealed_write_cap = seal_write_cap(new_dir.cap.seed, write_cap)
+                replaced = await new_dir.link(moved, replace=True)  # first the new name: never lost
+                await old_dir.unlink(name_old)
+            node_ino = old_parent.children.get(name_old)
+            self.table.detach(old_parent, name_old)
+            if node_ino is not None and node_ino in self.table.by_ino:
+                node = self.table.by_ino[node_ino]
+                self.table.attach(new_parent, node, name_new)
+                node.entry.ctime_ns = moved.ctime_ns
+            else:
+                self.table.detach(new_parent, name_new)
+            if replaced is not None:
+                if replaced.kind == KIND_DIR:
+                    child = new_dir.child(replaced)
+                    if isinstance(child.cap, DirWriteCap):
+                        await delete_versions(self.grid, child.cap)
+                else:
+                    await self._drop_content(replaced)
+
+    # -- attributes ------------------------------------------------------------------------------
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        self._writable()
+        with _errno():
+            node = self.table[inode]
+            if node.ino == ROOT_INODE:
+                return attributes(node)  # the root's own metadata lives nowhere on the grid
+            entry = copy.deepcopy(node.entry)
+            now = time.time_ns()
+            if fields.update_mode:
+                entry.mode = attr.st_mode & 0o7777
+            if fields.update_uid:
+                entry.uid = attr.st_uid
+            if fields.update_gid:
+                entry.gid = attr.st_gid
+            if fields.update_mtime:
+                entry.mtime_ns = attr.st_mtime_ns
+            entry.ctime_ns = now
+            if fields.update_size:
+                if entry.kind != KIND_FILE:
+                    raise pyfuse3.FUSEError(errno.EINVAL)
+                spool = await self._spool(node)
+                spool.truncate(attr.st_size)
+                entry.size = attr.st_size
+                if not fields.update_mtime:
+                    entry.mtime_ns = now
+                node.entry = entry
+                if node.open_handles == 0 or fh is None:
+                    await self._commit(node)
+                return attributes(node)
+            if node.spool is not None and node.spool.dirty:
+                node.entry = entry  # published with the content at flush
+            else:
+                await self._publish(node, entry)
+            return attributes(node)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        stat = pyfuse3.StatvfsData()
+        free = total = 0
+        async with trio.open_nursery() as nursery:
+            for node in self.grid.nodes:
+
+                async def ask(node=node) -> None:
+                    nonlocal free, total
+                    with contextlib.suppress(TahoefsError), trio.move_on_after(2):
+                        info = await node.version()
+                        free += int(info.get("free_bytes", 0))
+                        total += int(info.get("total_bytes", 0))
+
+                nursery.start_soon(ask)
+        expansion = self.grid.total / self.grid.needed
+        stat.f_bsize = stat.f_frsize = 4096
+        stat.f_blocks = int(total / expansion) // 4096
+        stat.f_bfree = stat.f_bavail = int(free / expansion) // 4096
+        stat.f_files = stat.f_ffree = stat.f_favail = 1 << 32
+        stat.f_namemax = 255
+        return stat
+
+    # -- xattrs ----------------------------------------------------------------------------------
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.table[inode]
+        if name == CAP_XATTR:
+            return self._read_cap(node).encode()
+        value = node.entry.xattrs.get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    def _read_cap(self, node: Inode) -> str:
+        if node.is_dir:
+            return str(self._dir(node).cap.read_cap())
+        if node.entry.kind == KIND_FILE and not node.entry.cap:
+            return str(LiteralCap(node.entry.inline))
+        return node.entry.cap
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return sorted(self.table[inode].entry.xattrs)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._writable()
+        if not name.startswith(b"user.") or name == CAP_XATTR:
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        if len(value) > MAX_XATTR_VALUE:
+            raise pyfuse3.FUSEError(errno.E2BIG)
+        await self._change_xattrs(inode, lambda x: x.__setitem__(name, value))
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._writable()
+        if name not in self.table[inode].entry.xattrs:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        await self._change_xattrs(inode, lambda x: x.pop(name))
+
+    async def _change_xattrs(self, inode: int, change) -> None:
+        with _errno():
+            node = self.table[inode]
+            if node.ino == ROOT_INODE:
+                raise pyfuse3.FUSEError(errno.ENOTSUP)
+            entry = copy.deepcopy(node.entry)
+            change(entry.xattrs)
+            entry.ctime_ns = time.time_ns()
+            if node.spool is not None and node.spool.dirty:
+                node.entry = entry
+            else:
+                await self._publish(node, entry)
+
+    # -- file content ----------------------------------------------------------------------------
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self.table[inode]
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        if writable:
+            self._writable()
+        with _errno():
+            if flags & os.O_TRUNC and writable:
+                spool = await self._spool(node, load=False)
+                spool.truncate(0)
+                node.entry.size = 0
+            fh = self._new_fh(Handle(node, bool(writable)))
+            # The kernel may keep cached pages only while nobody changes the file through us.
+            return pyfuse3.FileInfo(fh=fh, keep_cache=node.spool is None)
+
+    async def _spool(self, node: Inode, load: bool = True) -> Spool:
+        """The node's spool, created on first need; with load=True it holds the current content."""
+        if node.spool is None:
+            node.spool = Spool(self.spool_dir)
+        spool = node.spool
+        assert isinstance(spool, Spool)
+        if load and not spool.loaded:
+            offset = 0
+            while offset < node.entry.size:
+                chunk = await self._read_committed(node.entry, offset, 1024 * 1024)
+                if not chunk:
+                    break
+                os.pwrite(spool.fd, chunk, offset)
+                offset += len(chunk)
+            spool.size = node.entry.size
+            spool.loaded = True
+        elif not load:
+            spool.loaded = True
+        return spool
+
+    async def _read_committed(self, entry: Entry, offset: int, size: int) -> bytes:
+        if not entry.cap:
+            return entry.inline[offset : offset + size]
+        cap = parse_cap(entry.cap)
+        if isinstance(cap, LiteralCap):
+            return cap.data[offset : offset + size]
+        if not isinstance(cap, FileCap):
+            raise UsageError("entry cap is not a file cap")
+        assert self.cache is not None
+        return await self.cache.read(cap, offset, size)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        with _errno():
+            node = self.handles[fh].node
+            spool = node.spool
+            if isinstance(spool, Spool) and spool.loaded:
+                return spool.pread(off, min(size, max(0, spool.size - off)))
+            return await self._read_committed(node.entry, off, size)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self.handles[fh]
+        if not handle.writable:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        with _errno():
+            spool = await self._spool(handle.node)
+            written = spool.pwrite(off, buf)
+            node = handle.node
+            node.entry.size = spool.size
+            node.entry.mtime_ns = node.entry.ctime_ns = time.time_ns()
+            return written
+
+    async def _commit(self, node: Inode) -> None:
+        """Upload a dirty spool and record the new content in the directory. On failure the spool
+        stays (on disk, described) and the error reaches the caller."""
+        spool = node.spool
+        if not isinstance(spool, Spool) or not spool.dirty:
+            return
+        parent = self.table[node.parent]
+        target = f"{self._read_cap(parent)}/{os.fsdecode(node.name)}"
+        spool.describe(target)
+        entry = copy.deepcopy(node.entry)
+        entry.size = spool.size
+        try:
+            if spool.size <= INLINE_FILE_MAX:
+                entry.inline, entry.cap = spool.pread(0, spool.size), ""
+            else:
+                self.uploads_in_flight[target] = 0
+
+                def progress(done: int) -> None:
+                    self.uploads_in_flight[target] = done
+
+                cap = await upload(self.grid, spool.source(), progress, spool.size)
+                entry.inline, entry.cap = b"", str(cap)
+            old = await self._dir(parent).link(entry, replace=True)
+        except TahoefsError as exc:
+            self._error(f"saving {target} failed: {exc}")
+            raise
+        finally:
+            self.uploads_in_flight.pop(target, None)
+        node.entry = entry
+        spool.dirty = False
+        if old is not None and old.cap != entry.cap:
+            await self._drop_content(old)
+
+    async def flush(self, fh: int) -> None:
+        with _errno():
+            handle = self.handles[fh]
+            if handle.writable:
+                await self._commit(handle.node)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.flush(fh)
+
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh)
+        node = handle.node
+        spool = node.spool
+        if isinstance(spool, Spool) and node.open_handles == 1 and not spool.dirty:
+            spool.discard()
+            node.spool = None
+        self.table.release(node)
+
+    async def pending(self) -> list[str]:
+        """Targets of spools whose content is not on the grid yet."""
+        return [
+            os.fsdecode(n.name)
+            for n in self.table.by_ino.values()
+            if isinstance(n.spool, Spool) and n.spool.dirty
+        ]
+
+    async def commit_all(self) -> None:
+        """Push every dirty spool (at unmount)."""
+        for node in list(self.table.by_ino.values()):
+            if isinstance(node.spool, Spool) and node.spool.dirty:
+                with contextlib.suppress(TahoefsError, pyfuse3.FUSEError):
+                    await self._commit(node)
