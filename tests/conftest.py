@@ -34,3 +34,23 @@ def fresh_home(tmp_path: Path) -> Iterator[LocalGrid]:
         yield grid
     finally:
         grid.run("grid", "down")
+
+
+@pytest.fixture
+def mounted(grid: LocalGrid, tmp_path: Path) -> Iterator[tuple[LocalGrid, Path, str]]:
+    """A fresh filesystem (its own root) mounted at tmp_path/mnt; unmounted at the end even when the
+    test fails. Yields (grid, mountpoint, root write cap)."""
+    import subprocess
+    import uuid
+
+    alias = "t" + uuid.uuid4().hex[:8]
+    root = grid.run("mkfs", "--alias", alias, check=True).stdout.decode().strip()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    grid.run("mount", alias, str(mnt), check=True)
+    try:
+        yield grid, mnt, root
+    finally:
+        proc = grid.run("umount", str(mnt))
+        if proc.returncode != 0:
+            subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)

@@ -1,0 +1,231 @@
+"""The mount, with real FUSE and real nodes: what users do with cp, mv, ln, tar, git, sqlite."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sqlite3
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.localgrid import LocalGrid
+
+MiB = 1024 * 1024
+
+
+def make_tree(base: Path) -> None:
+    (base / "docs" / "deep" / "er").mkdir(parents=True)
+    (base / "empty-dir").mkdir()
+    (base / "docs" / "readme.txt").write_text("hello\n")
+    (base / "docs" / "big.bin").write_bytes(os.urandom(3 * MiB + 17))
+    (base / "docs" / "deep" / "er" / "4k.bin").write_bytes(os.urandom(4096))
+    (base / "docs" / "deep" / "4k+1.bin").write_bytes(os.urandom(4097))
+    (base / "empty.txt").write_bytes(b"")
+    (base / "ünïcødé ✓ name.txt").write_text("unicode\n")
+    (base / "script.sh").write_text("#!/bin/sh\necho hi\n")
+    (base / "script.sh").chmod(0o755)
+    (base / "secret.txt").write_text("s")
+    (base / "secret.txt").chmod(0o600)
+    os.symlink("docs/readme.txt", base / "link")
+    os.symlink("/nowhere/at/all", base / "dangling")
+    os.setxattr(base / "docs" / "readme.txt", "user.color", b"blue")
+    os.utime(base / "docs" / "readme.txt", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+
+
+def assert_same_tree(a: Path, b: Path, times: bool = True) -> None:
+    proc = subprocess.run(["diff", "-r", "--no-dereference", str(a), str(b)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for path in a.rglob("*"):
+        rel = path.relative_to(a)
+        other = b / rel
+        sa, sb = os.lstat(path), os.lstat(other)
+        assert stat.S_IFMT(sa.st_mode) == stat.S_IFMT(sb.st_mode), rel
+        if not stat.S_ISLNK(sa.st_mode):
+            assert stat.S_IMODE(sa.st_mode) == stat.S_IMODE(sb.st_mode), rel
+        if stat.S_ISLNK(sa.st_mode):
+            assert os.readlink(path) == os.readlink(other), rel
+        elif stat.S_ISREG(sa.st_mode):
+            assert not times or sa.st_mtime_ns == sb.st_mtime_ns, rel
+            assert sorted(os.listxattr(path)) == sorted(os.listxattr(other)), rel
+
+
+def test_cp_a_of_a_tree_keeps_content_modes_times_links_and_xattrs(mounted, tmp_path: Path) -> None:
+    grid, mnt, root = mounted
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    subprocess.run(["cp", "-a", f"{src}/.", str(mnt)], check=True)
+    assert_same_tree(src, mnt)
+    assert os.getxattr(mnt / "docs" / "readme.txt", "user.color") == b"blue"
+    # again after unmount and mount
+    grid.run("umount", str(mnt), check=True)
+    alias_cap = root
+    grid.run("mount", alias_cap, str(mnt), check=True)
+    assert_same_tree(src, mnt)
+
+
+def test_tree_reads_back_from_a_fresh_home_with_only_grid_file_and_root_cap(mounted, tmp_path: Path) -> None:
+    grid, mnt, root = mounted
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    subprocess.run(["cp", "-a", f"{src}/.", str(mnt)], check=True)
+    other = LocalGrid(tmp_path / "other-home")
+    other.home.mkdir()
+    shutil.copy(grid.home / "grid.toml", other.home / "grid.toml")
+    mnt2 = tmp_path / "mnt2"
+    mnt2.mkdir()
+    other.run("mount", root, str(mnt2), check=True)
+    try:
+        assert_same_tree(src, mnt2)
+    finally:
+        other.run("umount", str(mnt2))
+
+
+def test_edits_append_overwrite_truncate_rename_move(mounted) -> None:
+    _grid, mnt, _root = mounted
+    f = mnt / "f.bin"
+    data = bytearray(os.urandom(2 * MiB + 5))
+    f.write_bytes(data)
+    with open(f, "ab") as h:
+        h.write(b"appended")
+    data += b"appended"
+    with open(f, "r+b") as h:
+        h.seek(MiB - 3)
+        h.write(b"MIDDLE")
+    data[MiB - 3 : MiB + 3] = b"MIDDLE"
+    assert f.read_bytes() == bytes(data)
+    os.truncate(f, 1000)
+    assert f.read_bytes() == bytes(data[:1000])
+    (mnt / "a").mkdir()
+    (mnt / "b").mkdir()
+    (mnt / "a" / "x").write_text("x")
+    (mnt / "b" / "y").write_text("y")
+    os.rename(mnt / "a" / "x", mnt / "b" / "y")  # rename over an existing file, across folders
+    assert (mnt / "b" / "y").read_text() == "x" and not (mnt / "a" / "x").exists()
+    (mnt / "a" / "sub").mkdir()
+    (mnt / "a" / "sub" / "z").write_text("z")
+    os.rename(mnt / "a" / "sub", mnt / "b" / "sub")  # a directory moves and stays writable
+    (mnt / "b" / "sub" / "w").write_text("w")
+    assert sorted(os.listdir(mnt / "b" / "sub")) == ["w", "z"]
+    os.rename(mnt / "b" / "y", mnt / "b" / "y2")
+    assert sorted(os.listdir(mnt / "b")) == ["sub", "y2"]
+    with pytest.raises(OSError):
+        os.rmdir(mnt / "b")  # not empty
+    shutil.rmtree(mnt / "b")
+    assert sorted(os.listdir(mnt)) == ["a", "f.bin"]
+
+
+def test_random_operations_match_a_local_folder(mounted, tmp_path: Path) -> None:
+    """A seeded random walk applied to the mount and to a plain folder, compared after every step and
+    after a remount."""
+    grid, mnt, root = mounted
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    rng = random.Random(4)
+    names = ["a", "b", "c", "d"]
+
+    def paths(base: Path) -> list[Path]:
+        return [p for p in base.rglob("*")]
+
+    for step in range(60):
+        op = rng.choice(["write", "append", "mkdir", "rm", "rename", "truncate", "chmod"])
+        rel_dir = rng.choice([Path("."), *[p.relative_to(ref) for p in paths(ref) if p.is_dir()]])
+        name = rng.choice(names)
+        for base in (ref, mnt):
+            target = base / rel_dir / name
+            try:
+                if op == "write":
+                    target.write_bytes(bytes([step]) * (step * 331 % 9000))
+                elif op == "append":
+                    with open(target, "ab") as h:
+                        h.write(b"+%d" % step)
+                elif op == "mkdir":
+                    target.mkdir()
+                elif op == "rm":
+                    shutil.rmtree(target) if target.is_dir() else target.unlink()
+                elif op == "rename":
+                    target.rename(base / rel_dir / names[step % len(names)])
+                elif op == "truncate":
+                    os.truncate(target, step * 7)
+                elif op == "chmod":
+                    target.chmod(0o600 + step % 2 * 0o44)
+            except OSError:
+                pass
+        assert_same_tree(ref, mnt, times=False)
+    grid.run("umount", str(mnt), check=True)
+    grid.run("mount", root, str(mnt), check=True)
+    assert_same_tree(ref, mnt, times=False)
+
+
+def test_git_init_commit_clone_and_fsck(mounted, tmp_path: Path) -> None:
+    _grid, mnt, _root = mounted
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    repo = mnt / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True, env=env)
+    for i in range(5):
+        (repo / f"file{i}.txt").write_text(f"content {i}\n" * (i + 1))
+    subprocess.run(["git", "-C", str(repo), "add", "."], check=True, env=env)
+    subprocess.run(["git", "-C", str(repo), "commit", "-qm", "first"], check=True, env=env)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True, env=env)
+    subprocess.run(["git", "-C", str(repo), "fsck", "--strict"], check=True, env=env, capture_output=True)
+    assert (clone / "file4.txt").read_text() == "content 4\n" * 5
+
+
+def test_sqlite_database_inside_the_mount(mounted) -> None:
+    _grid, mnt, _root = mounted
+    db = sqlite3.connect(mnt / "test.db")
+    db.execute("create table t (k integer primary key, v text)")
+    db.executemany("insert into t (v) values (?)", [(f"value {i}",) for i in range(500)])
+    db.commit()
+    db.close()
+    db = sqlite3.connect(mnt / "test.db")
+    assert db.execute("select count(*), max(v) from t").fetchone() == (500, "value 99")
+    db.close()
+
+
+def test_read_only_mount_refuses_writes(grid: LocalGrid, tmp_path: Path) -> None:
+    grid.run("mkfs", "--alias", "ro1", check=True)
+    grid.run("mkdir", "ro1:sub", check=True)
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    grid.run("mount", "ro1", str(mnt), "--read-only", check=True)
+    try:
+        assert os.listdir(mnt) == ["sub"]
+        with pytest.raises(OSError) as excinfo:
+            (mnt / "new").write_text("x")
+        assert excinfo.value.errno == 30  # EROFS
+    finally:
+        grid.run("umount", str(mnt), check=True)
+
+
+def test_mount_shows_as_fuse_tahoefs_and_cap_prints_a_read_cap(mounted) -> None:
+    grid, mnt, _root = mounted
+    (mnt / "f").write_bytes(os.urandom(10000))
+    line = next(line for line in Path("/proc/mounts").read_text().splitlines() if f" {mnt} " in line)
+    assert line.split()[2] == "fuse.tahoefs"
+    cap = grid.run("cap", str(mnt / "f"), check=True).stdout.decode().strip()
+    assert cap.startswith("tahoefs:file:v1:")
+    assert grid.get_bytes(cap) == (mnt / "f").read_bytes()
+    dcap = grid.run("cap", str(mnt), check=True).stdout.decode().strip()
+    assert dcap.startswith("tahoefs:dir-ro:v1:")
+    assert grid.run("ls", dcap, check=True).stdout.decode().split() == ["f"]
+
+
+def test_mount_fails_fast_with_a_clear_line(grid: LocalGrid, tmp_path: Path) -> None:
+    proc = grid.run("mount", "root-that-does-not-exist", str(tmp_path))
+    assert proc.returncode == 2 and len(proc.stderr.decode().strip().splitlines()) == 1
+    grid.run("mkfs", "--alias", "ff", check=True)
+    proc = grid.run("mount", "ff", str(tmp_path / "missing"))
+    assert proc.returncode == 2 and b"not an existing directory" in proc.stderr
