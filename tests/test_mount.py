@@ -229,3 +229,42 @@ def test_mount_fails_fast_with_a_clear_line(grid: LocalGrid, tmp_path: Path) -> 
     grid.run("mkfs", "--alias", "ff", check=True)
     proc = grid.run("mount", "ff", str(tmp_path / "missing"))
     assert proc.returncode == 2 and b"not an existing directory" in proc.stderr
+
+
+def test_untar_of_many_small_files_and_diff(mounted, tmp_path: Path) -> None:
+    _grid, mnt, _root = mounted
+    src = tmp_path / "proj"
+    rng = random.Random(7)
+    for d in range(10):
+        folder = src / f"pkg{d}" / "sub"
+        folder.mkdir(parents=True)
+        for f in range(30):
+            (folder / f"mod{f}.py").write_bytes(os.urandom(rng.randrange(0, 6000)))
+    tarball = tmp_path / "proj.tar"
+    subprocess.run(["tar", "-cf", str(tarball), "-C", str(tmp_path), "proj"], check=True)
+    subprocess.run(["tar", "-xf", str(tarball), "-C", str(mnt)], check=True)
+    proc = subprocess.run(["diff", "-r", str(src), str(mnt / "proj")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_reads_survive_seven_nodes_down_and_a_failed_cp_succeeds_after_nodes_return(
+    mounted, tmp_path: Path
+) -> None:
+    grid, mnt, _root = mounted
+    data = os.urandom(2 * MiB + 3)
+    (mnt / "kept.bin").write_bytes(data)
+    (mnt / "dir").mkdir()
+    down = [0, 2, 3, 5, 6, 8, 9]
+    grid.stop(*down)
+    try:
+        subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=False)
+        assert (mnt / "kept.bin").read_bytes() == data
+        assert os.listdir(mnt / "dir") == []
+        src = tmp_path / "new.bin"
+        src.write_bytes(os.urandom(MiB + 1))
+        proc = subprocess.run(["cp", str(src), str(mnt / "dir" / "new.bin")], capture_output=True, text=True)
+        assert proc.returncode != 0  # close() reports the failure
+    finally:
+        grid.start(*down)
+    subprocess.run(["cp", str(src), str(mnt / "dir" / "new.bin")], check=True)
+    assert (mnt / "dir" / "new.bin").read_bytes() == src.read_bytes()
