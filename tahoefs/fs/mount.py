@@ -272,5 +272,3 @@ def mount_status(home: Path) -> list[dict[str, object]]:
             info["status"] = json.loads(status_file.read_text()) if status_file.exists() else {}
             rows.append(info)
     return rows
-
-

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -46,6 +47,8 @@ from tahoefs.grid.mutable import ConflictError, MutableObject, Version, delete_v
 from tahoefs.grid.upload import BytesSource, upload
 
 MAX_ATTEMPTS = 30
+FRESH_SECONDS = 1.0  # how old a directory version reads may use
+BUCKETS_CACHED = 8  # per directory: encoded buckets (at most BUCKET_SPLIT_BYTES each)
 Change = Callable[["Entry | None"], "Entry | None"]
 EMPTY_ROOT = encode_root([BucketRef(0, 0, inline=encode_bucket([]))])
 
@@ -57,6 +60,8 @@ class Directory:
         self.grid = grid
         self.cap = cap
         self.obj = MutableObject(grid, cap)
+        self._cached: tuple[Version, list[BucketRef], float] | None = None
+        self._bucket_bytes: OrderedDict[str, bytes] = OrderedDict()
 
     @property
     def writable(self) -> bool:
@@ -70,16 +75,25 @@ class Directory:
     async def create(cls, grid: GridClient) -> Directory:
         """A new, empty directory, published on the grid (at least a quorum of nodes)."""
         directory = cls(grid, DirWriteCap(os.urandom(32)))
-        await directory.obj.publish(EMPTY_ROOT, None)
+        version = await directory.obj.publish(EMPTY_ROOT, None)
+        directory._cached = (version, decode_root(EMPTY_ROOT), trio.current_time())
         return directory
 
     # -- reading ---------------------------------------------------------------------------------
-    async def _load(self) -> tuple[Version, list[BucketRef]]:
+    async def _load(self, fresh: bool = False) -> tuple[Version, list[BucketRef]]:
+        """The current version and its bucket index. Reads use a version at most FRESH_SECONDS old
+        (as long as the kernel caches names anyway); writers use it optimistically, because publish's
+        test-and-set catches a stale base and modify_many then reloads with fresh=True."""
+        now = trio.current_time()
+        if not fresh and self._cached is not None and now - self._cached[2] < FRESH_SECONDS:
+            return self._cached[0], self._cached[1]
         version = await self.obj.retrieve()
         try:
-            return version, decode_root(version.plaintext)
+            buckets = decode_root(version.plaintext)
         except ValueError as exc:
             raise IntegrityError("directory", f"signed directory does not parse: {exc}") from None
+        self._cached = (version, buckets, now)
+        return version, buckets
 
     async def _bucket(self, ref: BucketRef) -> list[Entry]:
         if ref.inline is not None:
@@ -88,7 +102,12 @@ class Directory:
             cap = parse_cap(ref.cap)
             if not isinstance(cap, FileCap):
                 raise IntegrityError("directory", "bucket reference is not a file cap")
-            data = await FileReader(self.grid, cap).read(0, cap.size)
+            data = self._bucket_bytes.get(ref.cap)
+            if data is None:
+                data = await FileReader(self.grid, cap).read(0, cap.size)
+                self._bucket_bytes[ref.cap] = data  # immutable: valid forever
+                while len(self._bucket_bytes) > BUCKETS_CACHED:
+                    self._bucket_bytes.popitem(last=False)
         try:
             return decode_bucket(data)
         except ValueError as exc:
@@ -97,7 +116,7 @@ class Directory:
     async def lookup(self, name: bytes) -> Entry | None:
         """The entry called `name`, or None."""
         for attempt in range(2):
-            _version, buckets = await self._load()
+            _version, buckets = await self._load(fresh=attempt > 0)
             try:
                 entries = await self._bucket(buckets[bucket_index(buckets, name)])
             except NotEnoughSharesError:
@@ -165,7 +184,7 @@ class Directory:
         for name in changes:
             check_name(name)
         for attempt in range(MAX_ATTEMPTS):
-            version, buckets = await self._load()
+            version, buckets = await self._load(fresh=attempt > 0)
             by_bucket: dict[int, list[bytes]] = {}
             for name in changes:
                 by_bucket.setdefault(bucket_index(buckets, name), []).append(name)
@@ -203,7 +222,7 @@ class Directory:
                 # An emptied bucket disappears: the previous bucket's range then covers it.
                 new_buckets += replaced.get(index, [ref])
             try:
-                await self.obj.publish(encode_root(new_buckets), version)
+                published = await self.obj.publish(encode_root(new_buckets), version)
             except ConflictError:
                 await self._forget(uploaded)
                 await trio.sleep(random.uniform(0, 0.05 * (attempt + 1)))
@@ -212,6 +231,7 @@ class Directory:
                 with trio.CancelScope(shield=True):
                     await self._forget(uploaded)
                 raise
+            self._cached = (published, new_buckets, trio.current_time())
             await self._forget([buckets[i].cap for i in replaced if buckets[i].cap])
             return olds
         raise GridError(f"gave up changing the directory after {MAX_ATTEMPTS} conflicting writers")

@@ -153,15 +153,16 @@ class MutableObject:
         plaintext = await trio.to_thread.run_sync(decode_version, self.read_cap.read_key, shares)
         return Version(vid[0], plaintext, vid[1], claims)
 
-    async def publish(self, plaintext: bytes, based_on: Version | None) -> int:
-        """Write a new version after `based_on` (None: the object is new). Returns the new seqnum.
+    async def publish(self, plaintext: bytes, based_on: Version | None) -> Version:
+        """Write a new version after `based_on` (None: the object is new). Returns the version now on
+        the grid (with what each node holds, so the next publish can test against it).
         Raises ConflictError if another writer got in first, UploadUnhappyError if too few nodes took it."""
         if self.write_cap is None:
             raise GridError("this is a read-only capability; it cannot change the directory")
         with ungrouped():
             return await self._publish(plaintext, based_on)
 
-    async def _publish(self, plaintext: bytes, based_on: Version | None) -> int:
+    async def _publish(self, plaintext: bytes, based_on: Version | None) -> Version:
         cap = self.write_cap
         assert cap is not None
         k, n = self.grid.needed, self.grid.total
@@ -172,6 +173,7 @@ class MutableObject:
         shares = await trio.to_thread.run_sync(encode_version, cap, new_seq, plaintext, k, n)
         ring = self.grid.permuted_nodes(self.si)
         accepted: set[str] = set()
+        placed: dict[str, dict[int, int]] = {}
         conflict = False
         failures: list[str] = []
 
@@ -203,6 +205,7 @@ class MutableObject:
                     continue
                 if await write(node, num):
                     accepted.add(node.node_id)
+                    placed.setdefault(node.node_id, {})[num] = new_seq
                     return
                 if conflict:
                     return
@@ -220,7 +223,10 @@ class MutableObject:
                 f"directory update failed: {len(accepted)} of the {quorum} nodes needed took it"
                 + (f" ({'; '.join(failures[:5])})" if failures else "")
             )
-        return new_seq
+        claims_after = {nid: dict(held) for nid, held in claims.items()}
+        for nid, held in placed.items():
+            claims_after.setdefault(nid, {}).update(held)
+        return Version(new_seq, plaintext, b"", claims_after)
 
 
 async def delete_versions(grid: GridClient, cap: DirWriteCap) -> None:
