@@ -16,7 +16,7 @@ from tahoefs.formats.caps import FileCap
 from tahoefs.grid.client import GridClient
 from tahoefs.grid.download import FileReader
 
-READ_CACHE_BYTES = 32 * 1024 * 1024
+READ_CACHE_BYTES = 8 * 1024 * 1024  # 8 segments: the current one plus read-ahead
 READ_AHEAD_SEGMENTS = 3
 READERS_KEPT = 64
 
