@@ -268,3 +268,44 @@ def test_reads_survive_seven_nodes_down_and_a_failed_cp_succeeds_after_nodes_ret
         grid.start(*down)
     subprocess.run(["cp", str(src), str(mnt / "dir" / "new.bin")], check=True)
     assert (mnt / "dir" / "new.bin").read_bytes() == src.read_bytes()
+
+
+def test_sigkill_of_the_daemon_mid_copy_loses_no_closed_file(mounted, tmp_path: Path) -> None:
+    import json
+    import signal
+    import sys
+
+    grid, mnt, root = mounted
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys\n"
+            "for i in range(200):\n"
+            "    data = bytes([i % 256]) * (i * 9973 % 300000)\n"
+            "    with open(os.path.join(sys.argv[1], f'f{i}'), 'wb') as f:\n"
+            "        f.write(data)\n"
+            "    print(i, flush=True)\n",
+            str(mnt),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert writer.stdout is not None
+    closed = []
+    for line in writer.stdout:
+        closed.append(int(line))
+        if len(closed) == 8:
+            break
+    state = next((grid.home / "mounts").glob("*[0-9a-f].json"))
+    os.kill(json.loads(state.read_text())["pid"], signal.SIGKILL)
+    closed += [int(line) for line in writer.stdout if line.strip()]
+    writer.wait(timeout=60)
+    subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+    state.unlink(missing_ok=True)
+    grid.run("mount", root, str(mnt), check=True)
+    for i in closed:
+        assert (mnt / f"f{i}").read_bytes() == bytes([i % 256]) * (i * 9973 % 300000), i
+    for name in os.listdir(mnt):  # nothing refers to missing data
+        (mnt / name).read_bytes()
