@@ -74,6 +74,9 @@ def test_tree_reads_back_from_a_fresh_home_with_only_grid_file_and_root_cap(moun
     src.mkdir()
     make_tree(src)
     subprocess.run(["cp", "-a", f"{src}/.", str(mnt)], check=True)
+    fd = os.open(mnt, os.O_RDONLY)
+    os.fsync(fd)  # fsync of a directory: every pending change is on the grid, not just in the journal
+    os.close(fd)
     other = LocalGrid(tmp_path / "other-home")
     other.home.mkdir()
     shutil.copy(grid.home / "grid.toml", other.home / "grid.toml")

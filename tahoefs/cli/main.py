@@ -300,6 +300,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
             print(f"  uploading {up['target']}: {up['bytes_done'] / 1e6:.1f} MB done")
         for name in st.get("pending", []):
             print(f"  not yet saved: {name}")
+        if st.get("pending_directory_changes"):
+            print(
+                f"  directory changes in the journal, not yet on the grid: {st['pending_directory_changes']}"
+            )
+        for err in st.get("journal_errors", []):
+            print(f"  error: {err}")
         for err in st.get("errors", []):
             print(f"  error: {err}")
         for problem in st.get("problems", []):

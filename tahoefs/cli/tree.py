@@ -48,7 +48,7 @@ def load_aliases() -> dict[str, str]:
 
 
 def save_alias(name: str, cap: str) -> None:
-    if not name.replace("-", "").replace("_", "").isalnum():
+    if not (name.isascii() and name.replace("-", "").replace("_", "").isalnum()):
         raise UsageError(f"alias names are letters, digits, '-' and '_': {name!r}")
     aliases = load_aliases()
     aliases[name] = cap
@@ -223,13 +223,17 @@ async def put_at(config: GridConfig, secret: bytes, source: str, dest: str) -> s
         src_stat = os.fstat(raw.fileno())
     try:
         async with GridClient(config, secret) as grid:
-            directory = await open_dir(grid, target, target.path[:-1]) if target.path else None
-            name = target.path[-1] if target.path else None
+            if dest.endswith("/") and target.path:  # "DIR/": DIR must be an existing directory
+                directory = await open_dir(grid, target, target.path)
+                name = None
+            else:
+                directory = await open_dir(grid, target, target.path[:-1]) if target.path else None
+                name = target.path[-1] if target.path else None
             if directory is not None and name is not None:
                 existing = await directory.lookup(name)
                 if existing is not None and existing.kind == KIND_DIR:
                     directory, name = directory.child(existing), None
-            elif directory is None:
+            if directory is None:
                 directory = await open_dir(grid, target, [])
             if name is None:
                 if source == "-":

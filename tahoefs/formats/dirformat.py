@@ -36,7 +36,7 @@ MAX_XATTR_VALUE = 64 * 1024
 MAX_XATTRS_PER_ENTRY = 128
 INLINE_FILE_MAX = 4096  # files up to this size live inside their directory entry
 BUCKET_INLINE_MAX = 16 * 1024  # a directory's only bucket lives inside the root up to this size
-BUCKET_SPLIT_BYTES = 32 * 1024  # a bucket over this size is split in two
+BUCKET_SPLIT_BYTES = 32 * 1024  # a bucket over this size is split into pieces of at most half of it
 ROOT_MAGIC = b"TFDIR1"
 HASH_SPACE = 1 << 64
 
@@ -216,8 +216,9 @@ def bucket_index(buckets: list[BucketRef], name: bytes) -> int:
 
 
 def split_entries(lo: int, entries: list[Entry]) -> list[tuple[int, list[Entry]]]:
-    """Split one bucket's entries (hash range starting at `lo`) into buckets of at most
-    BUCKET_SPLIT_BYTES each, cutting between distinct hashes. Returns [(lo, entries), ...]."""
+    """Split one bucket's entries (hash range starting at `lo`) into buckets of about
+    BUCKET_SPLIT_BYTES / 2 each (two or more), cutting between distinct hashes.
+    Returns [(lo, entries), ...]."""
     ordered = sorted(entries, key=lambda e: (name_hash(e.name), e.name))
     out: list[tuple[int, list[Entry]]] = []
     current: list[Entry] = []

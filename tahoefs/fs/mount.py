@@ -26,6 +26,8 @@ import trio
 from tahoefs.errors import TahoefsError, UsageError
 from tahoefs.formats.caps import DirReadCap, DirWriteCap
 from tahoefs.formats.dirformat import KIND_DIR, Entry
+from tahoefs.formats.hashing import b32encode
+from tahoefs.fs.journal import Journal
 from tahoefs.fs.operations import TahoeFS
 from tahoefs.grid.client import GridClient
 from tahoefs.grid.config import GridConfig
@@ -86,10 +88,20 @@ async def serve(
             options.add("allow_other")
         pyfuse3.init(fs, str(mountpoint), options)
         _state_file, status_file = state_paths(home, mountpoint)
+        journal = None
+        if not read_only:
+            assert isinstance(cap, DirWriteCap)
+            journal_path = home / "journal" / f"{b32encode(cap.storage_index)}.log"
+            journal = Journal(journal_path, fs.apply_changes, fs.drop_caps)
+            replayed = journal.load()  # left by a mount that died: pushed by the flusher, visible now
+            if replayed:
+                log.info("replaying %d journal records left by an earlier mount", replayed)
         try:
             ready()
             async with trio.open_nursery() as nursery:
-                fs.start(nursery)
+                fs.start(nursery, journal)
+                if journal is not None:
+                    nursery.start_soon(journal.run)
                 nursery.start_soon(_write_status, fs, status_file)
                 nursery.start_soon(_on_signals)
                 await pyfuse3.main()
@@ -97,6 +109,14 @@ async def serve(
         finally:
             with trio.CancelScope(shield=True):
                 await fs.commit_all()
+                if journal is not None:
+                    await journal.drain(UMOUNT_WAIT - 10)
+                    if journal.count():
+                        log.error(
+                            "%d directory changes could not reach the grid; the next mount pushes them",
+                            journal.count(),
+                        )
+                    journal.close()
             pyfuse3.close(unmount=True)
             status_file.unlink(missing_ok=True)
             log.info("unmounted %s", mountpoint)
@@ -114,6 +134,8 @@ async def _write_status(fs: TahoeFS, path: Path) -> None:
         status = {
             "uploads": [{"target": t, "bytes_done": d} for t, d in fs.uploads_in_flight.items()],
             "pending": await fs.pending(),
+            "pending_directory_changes": fs.pending_changes(),
+            "journal_errors": fs.journal.errors if fs.journal else [],
             "errors": fs.errors,
             "problems": fs.cache.problems[-20:] if fs.cache else [],
             "updated": time.time(),

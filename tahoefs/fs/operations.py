@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import functools
 import logging
 import os
 import time
@@ -40,12 +41,12 @@ from tahoefs.formats.dirformat import (
     unseal_write_cap,
 )
 from tahoefs.fs.inodes import ROOT_INODE, Inode, InodeTable, attributes
+from tahoefs.fs.journal import Journal
 from tahoefs.fs.readcache import ReadCache
 from tahoefs.fs.spool import Spool
 from tahoefs.grid.client import GridClient
 from tahoefs.grid.delete import delete_file
 from tahoefs.grid.directory import Directory
-from tahoefs.grid.mutable import delete_versions
 from tahoefs.grid.upload import upload
 
 log = logging.getLogger("tahoefs.fs")
@@ -75,6 +76,20 @@ def _errno() -> Iterator[None]:
     except OSError as exc:
         log.error("local I/O error: %s", exc)
         raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+    except Exception:
+        log.exception("bug in a filesystem handler; answering EIO")  # never take the mount down
+        raise pyfuse3.FUSEError(errno.EIO) from None
+
+
+def _guarded(method):
+    """Run a pyfuse3 handler under _errno(), so no exception escapes into pyfuse3's main loop."""
+
+    @functools.wraps(method)
+    async def wrapper(*args, **kwargs):
+        with _errno():
+            return await method(*args, **kwargs)
+
+    return wrapper
 
 
 class Handle:
@@ -102,9 +117,32 @@ class TahoeFS(pyfuse3.Operations):
         self.cache: ReadCache | None = None
         self.uploads_in_flight: dict[str, int] = {}
         self.errors: list[str] = []
+        self.dirs: dict[str, Directory] = {str(root.cap): root}
+        self.journal: Journal | None = None
 
-    def start(self, nursery: trio.Nursery) -> None:
+    def start(self, nursery: trio.Nursery, journal: Journal | None) -> None:
         self.cache = ReadCache(self.grid, nursery)
+        self.journal = journal
+
+    async def apply_changes(self, dir_cap: str, changes: dict[bytes, Entry | None]) -> None:
+        """The journal's grid step: one new version of one directory with all these changes."""
+        directory = self.dirs.get(dir_cap)
+        if directory is None:
+            cap = parse_cap(dir_cap)
+            assert isinstance(cap, DirWriteCap)
+            directory = self.dirs[dir_cap] = Directory(self.grid, cap)
+        await directory.modify_many({name: (lambda _old, e=e: e) for name, e in changes.items()})
+
+    async def drop_caps(self, caps: list[str]) -> None:
+        """Delete the shares of files no directory refers to any more (their change is on the grid)."""
+        for text in caps:
+            if any(n.entry.cap == text and n.open_handles for n in self.table.by_ino.values()):
+                continue  # still open somewhere; left for garbage collection (planned)
+            cap = parse_cap(text)
+            if isinstance(cap, FileCap):
+                if self.cache is not None:
+                    self.cache.drop(text)
+                await delete_file(self.grid, cap)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _dir(self, node: Inode) -> Directory:
@@ -112,9 +150,45 @@ class TahoeFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if node.directory is None:
             parent = self.table[node.parent]
-            assert parent.directory is not None
-            node.directory = parent.directory.child(node.entry)
+            child = self._dir(parent).child(node.entry)
+            node.directory = self.dirs.setdefault(str(child.cap), child)
         return node.directory
+
+    def _record(self, parent: Inode, name: bytes, entry: Entry | None, drop: list[str] | None = None) -> None:
+        """Make a change of `parent` durable (journal) and visible (overlay) before returning."""
+        directory = self._dir(parent)
+        if not isinstance(directory.cap, DirWriteCap) or self.journal is None:
+            raise ReadOnlyError("this directory is read-only")
+        self.journal.record(str(directory.cap), name, entry, drop)
+
+    async def _entry(self, parent: Inode, name: bytes) -> Entry | None:
+        """The entry called `name` in `parent`: pending changes first, then the grid."""
+        directory = self._dir(parent)
+        if self.journal is not None:
+            known, entry = self.journal.lookup(str(directory.cap), name)
+            if known:
+                return copy.deepcopy(entry)
+        return await directory.lookup(name)
+
+    async def _get(self, parent: Inode, name: bytes) -> Entry:
+        entry = await self._entry(parent, name)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return entry
+
+    async def _listing(self, node: Inode) -> list[Entry]:
+        directory = self._dir(node)
+        listing: list[Entry] = []
+
+        async def sink(entries: list[Entry]) -> None:
+            listing.extend(entries)
+
+        await directory.scan(sink)
+        overlay = self.journal.overlay(str(directory.cap)) if self.journal is not None else {}
+        if overlay:
+            listing = [e for e in listing if e.name not in overlay]
+            listing += [copy.deepcopy(e) for e in overlay.values() if e is not None]
+        return listing
 
     def _writable(self) -> None:
         if self.read_only:
@@ -129,8 +203,7 @@ class TahoeFS(pyfuse3.Operations):
 
     async def _publish(self, node: Inode, entry: Entry) -> None:
         """Record `entry` for `node` in its parent directory (replacing what was there)."""
-        parent = self.table[node.parent]
-        await self._dir(parent).link(entry, replace=True)
+        self._record(self.table[node.parent], node.name, entry)
         node.entry = entry
 
     def _error(self, text: str) -> None:
@@ -149,9 +222,7 @@ class TahoeFS(pyfuse3.Operations):
                 up = self.table[parent.parent]
                 up.lookups += 1
                 return attributes(up)
-            entry = await self._dir(parent).lookup(name)
-            if entry is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
+            entry = await self._get(parent, name)
             return attributes(self.table.remember(parent, entry))
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -170,12 +241,7 @@ class TahoeFS(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         with _errno():
             node = self.table[inode]
-            listing: list[Entry] = []
-
-            async def sink(entries: list[Entry]) -> None:
-                listing.extend(entries)
-
-            await self._dir(node).scan(sink)
+            listing = await self._listing(node)
             fh = self._new_fh(Handle(node, False))
             self.listings[fh] = listing  # a snapshot: offsets stay stable while the handle is open
             return fh
@@ -196,7 +262,13 @@ class TahoeFS(pyfuse3.Operations):
         self.table.release(handle.node)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return  # namespace changes are on the grid when their call returns
+        """Push every pending directory change to the grid (not just the journal)."""
+        if self.journal is None:
+            return
+        with trio.move_on_after(3 * self.grid.stall_timeout):
+            await self.journal.wait_idle()
+            return
+        raise pyfuse3.FUSEError(errno.EIO)
 
     # -- creating and removing -------------------------------------------------------------------
     def _new_entry(self, name: bytes, kind: int, mode: int, ctx: pyfuse3.RequestContext) -> Entry:
@@ -209,9 +281,15 @@ class TahoeFS(pyfuse3.Operations):
         self._writable()
         with _errno():
             parent = self.table[parent_inode]
-            now = time.time_ns()
-            await self._dir(parent).mkdir(name, mode & 0o7777, ctx.uid, ctx.gid, now)
-            entry = await self._dir(parent).get(name)
+            if await self._entry(parent, name) is not None:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            child = await Directory.create(self.grid)  # an empty directory on the grid
+            assert isinstance(child.cap, DirWriteCap)
+            self.dirs[str(child.cap)] = child
+            entry = self._dir(parent).child_entry(
+                name, child.cap, mode & 0o7777, ctx.uid, ctx.gid, time.time_ns()
+            )
+            self._record(parent, name, entry)
             return attributes(self.table.remember(parent, entry))
 
     async def symlink(
@@ -220,9 +298,11 @@ class TahoeFS(pyfuse3.Operations):
         self._writable()
         with _errno():
             parent = self.table[parent_inode]
+            if await self._entry(parent, name) is not None:
+                raise pyfuse3.FUSEError(errno.EEXIST)
             entry = self._new_entry(name, KIND_SYMLINK, 0o777, ctx)
             entry.target = target
-            await self._dir(parent).link(entry)
+            self._record(parent, name, entry)
             return attributes(self.table.remember(parent, entry))
 
     async def create(
@@ -231,8 +311,10 @@ class TahoeFS(pyfuse3.Operations):
         self._writable()
         with _errno():
             parent = self.table[parent_inode]
+            if await self._entry(parent, name) is not None:
+                raise pyfuse3.FUSEError(errno.EEXIST)
             entry = self._new_entry(name, KIND_FILE, mode, ctx)
-            await self._dir(parent).link(entry)  # visible and durable now, empty
+            self._record(parent, name, entry)  # visible and durable now, empty
             node = self.table.remember(parent, entry)
             spool = Spool(self.spool_dir)
             spool.loaded = True
@@ -244,41 +326,25 @@ class TahoeFS(pyfuse3.Operations):
         self._writable()
         with _errno():
             parent = self.table[parent_inode]
-            directory = self._dir(parent)
-            entry = await directory.get(name)
+            entry = await self._get(parent, name)
             if entry.kind == KIND_DIR:
                 raise pyfuse3.FUSEError(errno.EISDIR)
-            old = await directory.unlink(name)
+            self._record(parent, name, None, _content_caps(entry))
             self.table.detach(parent, name)
-            await self._drop_content(old)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._writable()
         with _errno():
             parent = self.table[parent_inode]
-            directory = self._dir(parent)
-            entry = await directory.get(name)
+            entry = await self._get(parent, name)
             if entry.kind != KIND_DIR:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
-            child = directory.child(entry)
-            if await child.count():
+            probe = Inode(0, parent.ino, name, entry)
+            if await self._listing(probe):
                 raise pyfuse3.FUSEError(errno.ENOTEMPTY)
-            await directory.unlink(name)
+            self._record(parent, name, None)
             self.table.detach(parent, name)
-            if isinstance(child.cap, DirWriteCap):
-                await delete_versions(self.grid, child.cap)
-
-    async def _drop_content(self, old: Entry | None) -> None:
-        """Remove the shares of a file the tree no longer refers to (the change is on the grid)."""
-        if old is None or old.kind != KIND_FILE or not old.cap:
-            return
-        if any(n.entry.cap == old.cap and n.open_handles for n in self.table.by_ino.values()):
-            return  # still open somewhere; left for garbage collection (planned)
-        cap = parse_cap(old.cap)
-        if isinstance(cap, FileCap):
-            assert self.cache is not None
-            self.cache.drop(old.cap)
-            await delete_file(self.grid, cap)
+            # The empty child's own versions stay on the grid until garbage collection (planned).
 
     async def rename(
         self,
@@ -295,8 +361,8 @@ class TahoeFS(pyfuse3.Operations):
         with _errno():
             old_parent, new_parent = self.table[parent_inode_old], self.table[parent_inode_new]
             old_dir, new_dir = self._dir(old_parent), self._dir(new_parent)
-            entry = await old_dir.get(name_old)
-            target = await new_dir.lookup(name_new)
+            entry = await self._get(old_parent, name_old)
+            target = await self._entry(new_parent, name_new)
             if target is not None:
                 if flags & pyfuse3.RENAME_NOREPLACE:
                     raise pyfuse3.FUSEError(errno.EEXIST)
@@ -304,23 +370,24 @@ class TahoeFS(pyfuse3.Operations):
                     raise pyfuse3.FUSEError(errno.EISDIR)
                 if entry.kind == KIND_DIR and target.kind != KIND_DIR:
                     raise pyfuse3.FUSEError(errno.ENOTDIR)
-                if target.kind == KIND_DIR and await new_dir.child(target).count():
+                if target.kind == KIND_DIR and await self._listing(
+                    Inode(0, new_parent.ino, name_new, target)
+                ):
                     raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+            if old_parent.ino == new_parent.ino and name_old == name_new:
+                return
             moved = copy.deepcopy(entry)
             moved.name = name_new
             moved.ctime_ns = time.time_ns()
-            if old_parent.ino == new_parent.ino:
-                olds = await old_dir.modify_many({name_old: lambda _o: None, name_new: lambda _o: moved})
-                replaced = olds[name_new]
-            else:
-                if entry.kind == KIND_DIR and entry.sealed_write_cap:
-                    # A child's write cap is sealed with its parent's key: re-seal it for the new parent.
-                    if not isinstance(old_dir.cap, DirWriteCap) or not isinstance(new_dir.cap, DirWriteCap):
-                        raise ReadOnlyError("cannot move a directory out of or into a read-only one")
-                    write_cap = unseal_write_cap(old_dir.cap.seed, entry.sealed_write_cap)
-                    moved.sealed_write_cap = seal_write_cap(new_dir.cap.seed, write_cap)
-                replaced = await new_dir.link(moved, replace=True)  # first the new name: never lost
-                await old_dir.unlink(name_old)
+            if old_parent.ino != new_parent.ino and entry.kind == KIND_DIR and entry.sealed_write_cap:
+                # A child's write cap is sealed with its parent's key: re-seal it for the new parent.
+                if not isinstance(old_dir.cap, DirWriteCap) or not isinstance(new_dir.cap, DirWriteCap):
+                    raise ReadOnlyError("cannot move a directory out of or into a read-only one")
+                write_cap = unseal_write_cap(old_dir.cap.seed, entry.sealed_write_cap)
+                moved.sealed_write_cap = seal_write_cap(new_dir.cap.seed, write_cap)
+            replaced_caps = _content_caps(target) if target is not None and target.cap != entry.cap else []
+            self._record(new_parent, name_new, moved, replaced_caps)  # the new name first: never lost
+            self._record(old_parent, name_old, None)
             node_ino = old_parent.children.get(name_old)
             self.table.detach(old_parent, name_old)
             if node_ino is not None and node_ino in self.table.by_ino:
@@ -329,13 +396,6 @@ class TahoeFS(pyfuse3.Operations):
                 node.entry.ctime_ns = moved.ctime_ns
             else:
                 self.table.detach(new_parent, name_new)
-            if replaced is not None:
-                if replaced.kind == KIND_DIR:
-                    child = new_dir.child(replaced)
-                    if isinstance(child.cap, DirWriteCap):
-                        await delete_versions(self.grid, child.cap)
-                else:
-                    await self._drop_content(replaced)
 
     # -- attributes ------------------------------------------------------------------------------
     async def setattr(
@@ -537,7 +597,8 @@ class TahoeFS(pyfuse3.Operations):
 
                 cap = await upload(self.grid, spool.source(), progress, spool.size)
                 entry.inline, entry.cap = b"", str(cap)
-            old = await self._dir(parent).link(entry, replace=True)
+            old = await self._entry(parent, node.name)
+            self._record(parent, node.name, entry, _content_caps(old) if old and old.cap != entry.cap else [])
         except TahoefsError as exc:
             self._error(f"saving {target} failed: {exc}")
             raise
@@ -545,8 +606,6 @@ class TahoeFS(pyfuse3.Operations):
             self.uploads_in_flight.pop(target, None)
         node.entry = entry
         spool.dirty = False
-        if old is not None and old.cap != entry.cap:
-            await self._drop_content(old)
 
     async def flush(self, fh: int) -> None:
         with _errno():
@@ -566,6 +625,9 @@ class TahoeFS(pyfuse3.Operations):
             node.spool = None
         self.table.release(node)
 
+    def pending_changes(self) -> int:
+        return self.journal.count() if self.journal is not None else 0
+
     async def pending(self) -> list[str]:
         """Targets of spools whose content is not on the grid yet."""
         return [
@@ -580,3 +642,16 @@ class TahoeFS(pyfuse3.Operations):
             if isinstance(node.spool, Spool) and node.spool.dirty:
                 with contextlib.suppress(TahoefsError, pyfuse3.FUSEError):
                     await self._commit(node)
+
+
+def _content_caps(entry: Entry | None) -> list[str]:
+    """The file cap whose shares can go once `entry` is no longer referenced."""
+    if entry is None or entry.kind != KIND_FILE or not entry.cap.startswith("tahoefs:file:"):
+        return []
+    return [entry.cap]
+
+
+HANDLERS = """lookup getattr forget readlink opendir readdir releasedir fsyncdir mkdir symlink create unlink
+rmdir rename setattr statfs getxattr listxattr setxattr removexattr open read write flush fsync release"""
+for _name in HANDLERS.split():
+    setattr(TahoeFS, _name, _guarded(getattr(TahoeFS, _name)))

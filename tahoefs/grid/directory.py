@@ -22,11 +22,13 @@ from tahoefs.errors import (
     NoSuchEntryError,
     NotEnoughSharesError,
     ReadOnlyError,
+    UsageError,
 )
 from tahoefs.formats.caps import DirReadCap, DirWriteCap, FileCap, LiteralCap, parse_cap
 from tahoefs.formats.dirformat import (
     BUCKET_INLINE_MAX,
     BUCKET_SPLIT_BYTES,
+    HASH_SPACE,
     KIND_DIR,
     BucketRef,
     Entry,
@@ -36,6 +38,7 @@ from tahoefs.formats.dirformat import (
     decode_root,
     encode_bucket,
     encode_root,
+    name_hash,
     seal_write_cap,
     split_entries,
     unseal_write_cap,
@@ -99,7 +102,12 @@ class Directory:
         if ref.inline is not None:
             data = ref.inline
         else:
-            cap = parse_cap(ref.cap)
+            try:
+                cap = parse_cap(ref.cap)
+            except UsageError:
+                raise IntegrityError("directory", "bucket reference is not a cap") from None
+            if isinstance(cap, LiteralCap):  # a bucket of 56 bytes or less uploads as a literal cap
+                return self._decode_bucket(cap.data)
             if not isinstance(cap, FileCap):
                 raise IntegrityError("directory", "bucket reference is not a file cap")
             data = self._bucket_bytes.get(ref.cap)
@@ -108,6 +116,10 @@ class Directory:
                 self._bucket_bytes[ref.cap] = data  # immutable: valid forever
                 while len(self._bucket_bytes) > BUCKETS_CACHED:
                     self._bucket_bytes.popitem(last=False)
+        return self._decode_bucket(data)
+
+    @staticmethod
+    def _decode_bucket(data: bytes) -> list[Entry]:
         try:
             return decode_bucket(data)
         except ValueError as exc:
@@ -137,12 +149,27 @@ class Directory:
         (at most BUCKET_SPLIT_BYTES) of entries at a time. Returns the number of entries."""
         _version, buckets = await self._load()
         total = 0
-        for ref in buckets:
-            entries = await self._bucket(ref)
+        for index, ref in enumerate(buckets):
+            try:
+                entries = await self._bucket(ref)
+            except NotEnoughSharesError:
+                # A writer replaced this bucket after we read the root: take the same hash range
+                # from the newest version instead.
+                hi = buckets[index + 1].lo if index + 1 < len(buckets) else HASH_SPACE
+                entries = await self._range_from_fresh(ref.lo, hi)
             total += len(entries)
             if entries:
                 await sink(entries)
         return total
+
+    async def _range_from_fresh(self, lo: int, hi: int) -> list[Entry]:
+        _version, fresh = await self._load(fresh=True)
+        found: list[Entry] = []
+        for i, ref in enumerate(fresh):
+            ref_hi = fresh[i + 1].lo if i + 1 < len(fresh) else HASH_SPACE
+            if ref_hi > lo and ref.lo < hi:
+                found += [e for e in await self._bucket(ref) if lo <= name_hash(e.name) < hi]
+        return found
 
     async def count(self) -> int:
         _version, buckets = await self._load()
@@ -224,13 +251,10 @@ class Directory:
             try:
                 published = await self.obj.publish(encode_root(new_buckets), version)
             except ConflictError:
-                await self._forget(uploaded)
+                # Our losing version may still sit on some nodes and name these buckets: they are
+                # not deleted (garbage collection, planned, reclaims them). Nor after other failures.
                 await trio.sleep(random.uniform(0, 0.05 * (attempt + 1)))
                 continue
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await self._forget(uploaded)
-                raise
             self._cached = (published, new_buckets, trio.current_time())
             await self._forget([buckets[i].cap for i in replaced if buckets[i].cap])
             return olds
@@ -284,6 +308,31 @@ class Directory:
         assert old is not None
         return old
 
+    def child_entry(
+        self,
+        name: bytes,
+        child: DirWriteCap,
+        mode: int = 0o755,
+        uid: int = 0,
+        gid: int = 0,
+        mtime_ns: int = 0,
+    ) -> Entry:
+        """The entry that links directory `child` here: its read cap in clear, its write cap sealed
+        with this directory's key (so holders of our read cap get a read-only child)."""
+        if not isinstance(self.cap, DirWriteCap):
+            raise ReadOnlyError("this directory was opened read-only (with a read cap)")
+        return Entry(
+            name,
+            KIND_DIR,
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            mtime_ns=mtime_ns,
+            ctime_ns=mtime_ns,
+            cap=str(child.read_cap()),
+            sealed_write_cap=seal_write_cap(self.cap.seed, str(child)),
+        )
+
     async def mkdir(
         self, name: bytes, mode: int = 0o755, uid: int = 0, gid: int = 0, mtime_ns: int = 0
     ) -> Directory:
@@ -292,19 +341,8 @@ class Directory:
             raise ReadOnlyError("this directory was opened read-only (with a read cap)")
         child = await Directory.create(self.grid)
         assert isinstance(child.cap, DirWriteCap)
-        entry = Entry(
-            name,
-            KIND_DIR,
-            mode=mode,
-            uid=uid,
-            gid=gid,
-            mtime_ns=mtime_ns,
-            ctime_ns=mtime_ns,
-            cap=str(child.cap.read_cap()),
-            sealed_write_cap=seal_write_cap(self.cap.seed, str(child.cap)),
-        )
         try:
-            await self.link(entry)
+            await self.link(self.child_entry(name, child.cap, mode, uid, gid, mtime_ns))
         except BaseException:
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 await delete_versions(self.grid, child.cap)

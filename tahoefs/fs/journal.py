@@ -1,0 +1,176 @@
+"""The namespace journal: directory changes made durable on local disk first, pushed to the grid in
+batches.
+
+A change (set or remove one entry of one directory) is appended to $TAHOEFS_HOME/journal/ROOT.log and
+fsynced before the FUSE call returns; the kernel then sees it at once through `pending`. A flusher task
+applies the pending changes of each directory in one `modify_many` (one publish for many files), deletes
+the content the changes dropped, and empties the journal once nothing is pending. A mount replays the
+journal left by a crashed one before it serves. Records are idempotent (set / remove by name), and a
+torn last line from a crash is ignored.
+
+Record: one JSON line {"dir": DIR WRITE CAP, "name": b64, "entry": b64(Entry.encode()) or null,
+"drop": [file caps whose shares go once this is on the grid]}.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+from tahoefs.errors import TahoefsError
+from tahoefs.formats.dirformat import Entry, decode_bucket, encode_bucket
+
+log = logging.getLogger("tahoefs.journal")
+FLUSH_DELAY = 0.2  # seconds changes may wait to be batched with others
+RETRY_DELAY = 2.0
+
+
+def _encode_entry(entry: Entry) -> str:
+    return base64.b64encode(encode_bucket([entry])).decode()
+
+
+def _decode_entry(text: str) -> Entry:
+    return decode_bucket(base64.b64decode(text))[0]
+
+
+class Journal:
+    """Pending directory changes, durable in a local file. `apply` does the grid work for one
+    directory's batch: apply(dir_cap, {name: entry or None}) -> None (raises TahoefsError)."""
+
+    def __init__(
+        self,
+        path: Path,
+        apply: Callable[[str, dict[bytes, Entry | None]], Awaitable[None]],
+        drop: Callable[[list[str]], Awaitable[None]],
+    ) -> None:
+        self.path = path
+        self.apply = apply
+        self.drop = drop
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.pending: dict[str, dict[bytes, Entry | None]] = {}
+        self._drops: list[tuple[str, bytes, int, list[str]]] = []
+        self._generation: dict[tuple[str, bytes], int] = {}
+        self._counter = 0
+        self._wakeup = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+        self.errors: list[str] = []
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    # -- recording -------------------------------------------------------------------------------
+    def record(self, dir_cap: str, name: bytes, entry: Entry | None, drop: list[str] | None = None) -> None:
+        """Durably note that `name` in `dir_cap` becomes `entry` (None: removed)."""
+        line = {
+            "dir": dir_cap,
+            "name": base64.b64encode(name).decode(),
+            "entry": None if entry is None else _encode_entry(entry),
+            "drop": drop or [],
+        }
+        os.write(self.fd, (json.dumps(line) + "\n").encode())
+        os.fdatasync(self.fd)
+        self._note(dir_cap, name, entry, drop or [])
+
+    def _note(self, dir_cap: str, name: bytes, entry: Entry | None, drop: list[str]) -> None:
+        self.pending.setdefault(dir_cap, {})[name] = entry
+        self._counter += 1
+        self._generation[(dir_cap, name)] = self._counter
+        if drop:
+            self._drops.append((dir_cap, name, self._counter, drop))
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._wakeup.set()
+
+    def lookup(self, dir_cap: str, name: bytes) -> tuple[bool, Entry | None]:
+        """(known, entry): known is False when the journal says nothing about the name."""
+        changes = self.pending.get(dir_cap)
+        if changes is None or name not in changes:
+            return False, None
+        return True, changes[name]
+
+    def overlay(self, dir_cap: str) -> dict[bytes, Entry | None]:
+        return self.pending.get(dir_cap, {})
+
+    def count(self) -> int:
+        return sum(len(c) for c in self.pending.values())
+
+    # -- replay ----------------------------------------------------------------------------------
+    def load(self) -> int:
+        """Read what a previous mount left (ignoring a torn last line). Returns records found."""
+        found = 0
+        with open(self.path, "rb") as f:
+            for raw in f:
+                try:
+                    line = json.loads(raw)
+                    entry = None if line["entry"] is None else _decode_entry(line["entry"])
+                    self._note(line["dir"], base64.b64decode(line["name"]), entry, list(line["drop"]))
+                    found += 1
+                except (ValueError, KeyError, TypeError):
+                    log.warning("ignoring a damaged journal line (a crash while writing it)")
+        return found
+
+    # -- flushing --------------------------------------------------------------------------------
+    async def flush_once(self) -> None:
+        """Push everything pending now; raises TahoefsError if a directory could not be written."""
+        for dir_cap in list(self.pending):
+            changes = dict(self.pending.get(dir_cap, {}))
+            if not changes:
+                continue
+            marks = {name: self._generation[(dir_cap, name)] for name in changes}
+            await self.apply(dir_cap, changes)
+            current = self.pending.get(dir_cap, {})
+            for name, mark in marks.items():
+                if self._generation.get((dir_cap, name)) == mark:  # not changed again meanwhile
+                    current.pop(name, None)
+                    del self._generation[(dir_cap, name)]
+            if not current:
+                self.pending.pop(dir_cap, None)
+            done = [d for d in self._drops if d[0] == dir_cap and d[2] <= marks.get(d[1], -1)]
+            for item in done:
+                self._drops.remove(item)
+                await self.drop(item[3])
+        if not self.pending:
+            self._truncate()
+            self._idle.set()
+
+    def _truncate(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.fsync(self.fd)
+
+    async def run(self) -> None:
+        """The flusher: batches changes for FLUSH_DELAY, pushes them, retries after errors."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            await trio.sleep(FLUSH_DELAY)
+            try:
+                await self.flush_once()
+            except TahoefsError as exc:
+                self.errors = [*self.errors, f"directory update failed, will retry: {exc}"][-20:]
+                log.error("journal flush failed: %s", exc)
+                await trio.sleep(RETRY_DELAY)
+                self._wakeup.set()
+
+    async def drain(self, seconds: float) -> None:
+        """Push everything pending, retrying, for at most `seconds` (at unmount; no flusher runs)."""
+        with trio.move_on_after(seconds):
+            while self.pending:
+                try:
+                    await self.flush_once()
+                except TahoefsError as exc:
+                    log.error("journal flush failed: %s", exc)
+                    await trio.sleep(RETRY_DELAY)
+        if not self.pending:
+            self._truncate()
+
+    async def wait_idle(self) -> None:
+        """Until nothing is pending (flushes right away)."""
+        self._wakeup.set()
+        await self._idle.wait()
+
+    def close(self) -> None:
+        os.close(self.fd)
