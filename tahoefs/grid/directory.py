@@ -290,23 +290,28 @@ class Directory:
         entry it replaced, if any (whose data the caller may now delete)."""
 
         def change(old: Entry | None) -> Entry:
-            if old is not None and not replace:
+            # `old == entry` happens when a publish of ours that lost a race still landed on enough
+            # nodes to be read back: it is our own change, not a conflict.
+            if old is not None and not replace and old != entry:
                 raise EntryExistsError(f"already exists: {entry.name.decode(errors='replace')}")
             return entry
 
-        return await self.modify(entry.name, change)
+        old = await self.modify(entry.name, change)
+        return None if old == entry else old
 
     async def unlink(self, name: bytes) -> Entry:
         """Remove `name`; returns its entry. Raises NoSuchEntryError."""
+        seen: list[Entry] = []
 
         def change(old: Entry | None) -> None:
-            if old is None:
+            if old is not None:
+                seen.append(old)
+            elif not seen:  # (after a lost race our own removal may already be visible)
                 raise NoSuchEntryError(f"no such entry: {name.decode(errors='replace')}")
             return None
 
-        old = await self.modify(name, change)
-        assert old is not None
-        return old
+        await self.modify(name, change)
+        return seen[0]
 
     def child_entry(
         self,
