@@ -29,13 +29,12 @@ import os
 import struct
 from dataclasses import dataclass
 
-import zfec
 from Crypto.PublicKey import ECC
 from Crypto.Signature import eddsa
 
 from tahoefs.errors import IntegrityError
 from tahoefs.formats.caps import DirWriteCap
-from tahoefs.formats.codec import block_hash, crypt
+from tahoefs.formats.codec import block_hash, crypt, erasure_decode, erasure_encode
 from tahoefs.formats.hashing import (
     HASH_SIZE,
     TAG_MUTABLE_BLOCKS,
@@ -86,11 +85,7 @@ def encode_version(cap: DirWriteCap, seqnum: int, plaintext: bytes, k: int, n: i
         raise ValueError(f"a version holds at most {MAX_VERSION_BYTES} bytes")
     read = cap.read_cap()
     salt = os.urandom(16)
-    ciphertext = crypt(data_key(read.read_key, salt), 0, plaintext)
-    block_size = max(1, ceil_div(len(ciphertext), k))
-    padded = ciphertext + b"\0" * (block_size * k - len(ciphertext))
-    primaries = tuple(padded[i * block_size : (i + 1) * block_size] for i in range(k))
-    blocks = list(zfec.Encoder(k, n).encode(primaries)) if n > k else list(primaries)
+    blocks = erasure_encode(crypt(data_key(read.read_key, salt), 0, plaintext), k, n)
     hashes = b"".join(block_hash(b) for b in blocks)
     root = tagged_hash(TAG_MUTABLE_BLOCKS, hashes)
     header = struct.pack(HEADER_FORMAT, HEADER_MAGIC, 1, seqnum, salt, k, n, len(plaintext), root)
@@ -143,12 +138,5 @@ def decode_version(read_key: bytes, shares: list[MutableShare]) -> bytes:
     first = shares[0]
     k, n = first.needed, first.total
     by_num = {s.num: s.block for s in shares if s.version_id == first.version_id}
-    if len(by_num) < k:
-        raise ValueError(f"need {k} shares of the version, got {len(by_num)}")
-    nums = sorted(by_num)[:k]
-    if nums == list(range(k)):
-        primaries = [by_num[i] for i in nums]
-    else:
-        primaries = zfec.Decoder(k, n).decode([by_num[i] for i in nums], nums)
-    ciphertext = b"".join(primaries)[: first.data_length]
+    ciphertext = erasure_decode(by_num, k, n, first.data_length)
     return crypt(data_key(read_key, first.salt), 0, ciphertext)

@@ -170,6 +170,10 @@ class TahoeFS(pyfuse3.Operations):
                 return copy.deepcopy(entry)
         return await directory.lookup(name)
 
+    async def _must_be_new(self, parent: Inode, name: bytes) -> None:
+        if await self._entry(parent, name) is not None:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+
     async def _get(self, parent: Inode, name: bytes) -> Entry:
         entry = await self._entry(parent, name)
         if entry is None:
@@ -281,8 +285,7 @@ class TahoeFS(pyfuse3.Operations):
         self._writable()
         with _errno():
             parent = self.table[parent_inode]
-            if await self._entry(parent, name) is not None:
-                raise pyfuse3.FUSEError(errno.EEXIST)
+            await self._must_be_new(parent, name)
             child = await Directory.create(self.grid)  # an empty directory on the grid
             assert isinstance(child.cap, DirWriteCap)
             self.dirs[str(child.cap)] = child
@@ -298,8 +301,7 @@ class TahoeFS(pyfuse3.Operations):
         self._writable()
         with _errno():
             parent = self.table[parent_inode]
-            if await self._entry(parent, name) is not None:
-                raise pyfuse3.FUSEError(errno.EEXIST)
+            await self._must_be_new(parent, name)
             entry = self._new_entry(name, KIND_SYMLINK, 0o777, ctx)
             entry.target = target
             self._record(parent, name, entry)
@@ -311,8 +313,7 @@ class TahoeFS(pyfuse3.Operations):
         self._writable()
         with _errno():
             parent = self.table[parent_inode]
-            if await self._entry(parent, name) is not None:
-                raise pyfuse3.FUSEError(errno.EEXIST)
+            await self._must_be_new(parent, name)
             entry = self._new_entry(name, KIND_FILE, mode, ctx)
             self._record(parent, name, entry)  # visible and durable now, empty
             node = self.table.remember(parent, entry)
