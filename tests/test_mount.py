@@ -312,3 +312,17 @@ def test_sigkill_of_the_daemon_mid_copy_loses_no_closed_file(mounted, tmp_path: 
         assert (mnt / f"f{i}").read_bytes() == bytes([i % 256]) * (i * 9973 % 300000), i
     for name in os.listdir(mnt):  # nothing refers to missing data
         (mnt / name).read_bytes()
+
+
+def test_a_file_unlinked_while_open_does_not_come_back_at_close(mounted) -> None:
+    _grid, mnt, _root = mounted
+    with open(mnt / "doomed", "wb") as f:
+        f.write(os.urandom(10000))
+        os.unlink(mnt / "doomed")
+    assert not (mnt / "doomed").exists()
+    assert os.listdir(mnt) == []
+    with open(mnt / "renamed-while-open", "wb") as f:
+        f.write(b"data" * 3000)
+        os.rename(mnt / "renamed-while-open", mnt / "new-name")
+    assert os.listdir(mnt) == ["new-name"]
+    assert (mnt / "new-name").read_bytes() == b"data" * 3000

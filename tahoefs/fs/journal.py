@@ -149,9 +149,9 @@ class Journal:
             await trio.sleep(FLUSH_DELAY)
             try:
                 await self.flush_once()
-            except TahoefsError as exc:
+            except Exception as exc:
                 self.errors = [*self.errors, f"directory update failed, will retry: {exc}"][-20:]
-                log.error("journal flush failed: %s", exc)
+                log.error("journal flush failed: %s", exc, exc_info=not isinstance(exc, TahoefsError))
                 await trio.sleep(RETRY_DELAY)
                 self._wakeup.set()
 

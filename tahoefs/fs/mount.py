@@ -33,8 +33,7 @@ from tahoefs.grid.client import GridClient
 from tahoefs.grid.config import GridConfig
 from tahoefs.grid.directory import Directory
 
-MOUNT_TIMEOUT = 60.0
-UMOUNT_WAIT = 120.0
+UMOUNT_WAIT = 180.0
 
 
 def mount_id(mountpoint: Path) -> str:
@@ -110,13 +109,19 @@ async def serve(
             with trio.CancelScope(shield=True):
                 await fs.commit_all()
                 if journal is not None:
-                    await journal.drain(UMOUNT_WAIT - 10)
+                    await journal.drain(UMOUNT_WAIT - 60)
                     if journal.count():
                         log.error(
                             "%d directory changes could not reach the grid; the next mount pushes them",
                             journal.count(),
                         )
                     journal.close()
+                unsaved = await fs.pending()
+                left = journal.count() if journal is not None else 0
+                if unsaved or left:
+                    _final_path(home, mountpoint).write_text(
+                        json.dumps({"journal": left, "unsaved": unsaved})
+                    )
             pyfuse3.close(unmount=True)
             status_file.unlink(missing_ok=True)
             log.info("unmounted %s", mountpoint)
@@ -230,10 +235,16 @@ def _daemon(
         state_file.unlink(missing_ok=True)
 
 
+def _final_path(home: Path, mountpoint: Path) -> Path:
+    return home / "mounts" / f"{mount_id(mountpoint)}.left.json"
+
+
 def run_umount(home: Path, mountpoint: Path) -> None:
     """Unmount and wait until the daemon has pushed its work and exited. Raises UsageError when
-    nothing is mounted there, TahoefsError when the unmount fails (e.g. busy)."""
+    nothing is mounted there, TahoefsError when the unmount fails (e.g. busy) or when work could not
+    reach the grid (it stays in the journal and spool for the next mount)."""
     mountpoint = mountpoint.expanduser().absolute()
+    _final_path(home, mountpoint).unlink(missing_ok=True)
     state_file, _status = state_paths(home, mountpoint)
     pid = None
     with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
@@ -252,6 +263,14 @@ def run_umount(home: Path, mountpoint: Path) -> None:
             if time.monotonic() > deadline:
                 raise TahoefsError(f"the mount daemon (pid {pid}) did not exit within {UMOUNT_WAIT:.0f} s")
             time.sleep(0.05)
+    final = _final_path(home, mountpoint)
+    if final.exists():
+        left = json.loads(final.read_text())
+        final.unlink()
+        raise TahoefsError(
+            f"unmounted, but {left['journal']} directory changes and {len(left['unsaved'])} files could not "
+            "reach the grid; they are kept locally and the next mount of this tree pushes them"
+        )
 
 
 def _alive(pid: int) -> bool:
@@ -285,7 +304,7 @@ def mount_status(home: Path) -> list[dict[str, object]]:
     rows = []
     folder = home / "mounts"
     for state in sorted(folder.glob("*.json")) if folder.exists() else []:
-        if state.name.endswith(".status.json"):
+        if state.name.endswith((".status.json", ".left.json")):
             continue
         with contextlib.suppress(ValueError, OSError):
             info = json.loads(state.read_text())

@@ -1,9 +1,10 @@
 """The pyfuse3 handlers: POSIX calls mapped onto directories and files on the grid.
 
-Every namespace change (create, mkdir, symlink, unlink, rmdir, rename, setattr, setxattr) is published
-to the grid before the call returns. File content goes to a spool file; flush/fsync (the app's close or
-fsync) uploads it and records the new cap in its directory before returning. Errors are mapped to errno
-in one place (`_errno`).
+Every namespace change (create, mkdir, symlink, unlink, rmdir, rename, setattr, setxattr) is recorded
+in the crash-safe local journal (fs/journal.py) before the call returns and pushed to the grid in
+batches; fsync of a directory and unmount wait until it is on the grid. File content goes to a spool
+file; flush/fsync (the app's close or fsync) uploads it to at least `happy` nodes and journals the new
+entry before returning. Errors are mapped to errno in one place (`_errno`).
 """
 
 from __future__ import annotations
@@ -578,26 +579,34 @@ class TahoeFS(pyfuse3.Operations):
 
     async def _commit(self, node: Inode) -> None:
         """Upload a dirty spool and record the new content in the directory. On failure the spool
-        stays (on disk, described) and the error reaches the caller."""
+        stays (on disk, described) and the error reaches the caller. Writes that arrive during the
+        upload keep the spool dirty for the next flush; a file unlinked meanwhile is not brought back."""
         spool = node.spool
         if not isinstance(spool, Spool) or not spool.dirty:
             return
-        parent = self.table[node.parent]
-        target = f"{self._read_cap(parent)}/{os.fsdecode(node.name)}"
+        target = f"{self._read_cap(self.table[node.parent])}/{os.fsdecode(node.name)}"
         spool.describe(target)
-        entry = copy.deepcopy(node.entry)
-        entry.size = spool.size
+        snapshot, size = spool.version, spool.size
         try:
-            if spool.size <= INLINE_FILE_MAX:
-                entry.inline, entry.cap = spool.pread(0, spool.size), ""
+            if size <= INLINE_FILE_MAX:
+                inline, cap_text = spool.pread(0, size), ""
             else:
                 self.uploads_in_flight[target] = 0
 
                 def progress(done: int) -> None:
                     self.uploads_in_flight[target] = done
 
-                cap = await upload(self.grid, spool.source(), progress, spool.size)
-                entry.inline, entry.cap = b"", str(cap)
+                cap = await upload(self.grid, spool.source(), progress, size)
+                inline, cap_text = b"", str(cap)
+            parent = self.table.by_ino.get(node.parent)
+            if parent is None or parent.children.get(node.name) != node.ino:
+                # Unlinked (or replaced) while open: its content goes nowhere.
+                if cap_text:
+                    await self.drop_caps([cap_text])
+                spool.dirty = spool.version != snapshot
+                return
+            entry = copy.deepcopy(node.entry)  # metadata changed during the upload is kept
+            entry.size, entry.inline, entry.cap = size, inline, cap_text
             old = await self._entry(parent, node.name)
             self._record(parent, node.name, entry, _content_caps(old) if old and old.cap != entry.cap else [])
         except TahoefsError as exc:
@@ -605,8 +614,11 @@ class TahoeFS(pyfuse3.Operations):
             raise
         finally:
             self.uploads_in_flight.pop(target, None)
-        node.entry = entry
-        spool.dirty = False
+        if spool.version == snapshot:
+            node.entry = entry
+            spool.dirty = False
+        else:
+            node.entry.inline, node.entry.cap = entry.inline, entry.cap  # newer writes: still dirty
 
     async def flush(self, fh: int) -> None:
         with _errno():

@@ -16,7 +16,7 @@ from tahoefs.formats.caps import FileCap
 from tahoefs.grid.client import GridClient
 from tahoefs.grid.download import FileReader
 
-READ_CACHE_BYTES = 8 * 1024 * 1024  # 8 segments: the current one plus read-ahead
+READ_CACHE_BYTES = 8 * 1024 * 1024  # 8 segments: room for the current ones plus read-ahead
 READ_AHEAD_SEGMENTS = 3
 READERS_KEPT = 64
 
@@ -30,6 +30,7 @@ class ReadCache:
         self.inflight: dict[tuple[str, int], trio.Event] = {}
         self.readers: OrderedDict[str, tuple[FileReader, int]] = OrderedDict()
         self.problems: list[str] = []
+        self.last_end: dict[str, int] = {}  # where the last read of each file ended (sequential?)
 
     async def _reader(self, cap: FileCap) -> tuple[FileReader, int]:
         key = str(cap)
@@ -89,7 +90,13 @@ class ReadCache:
         _reader, seg_size = await self._reader(cap)
         first, last = offset // seg_size, (end - 1) // seg_size
         segments_total = -(-cap.size // seg_size)
-        for ahead in range(last + 1, min(segments_total, last + 1 + READ_AHEAD_SEGMENTS)):
+        sequential = self.last_end.get(str(cap)) == offset
+        self.last_end[str(cap)] = end
+        while len(self.last_end) > READERS_KEPT:
+            self.last_end.pop(next(iter(self.last_end)))
+        for ahead in range(
+            last + 1, min(segments_total, last + 1 + READ_AHEAD_SEGMENTS) if sequential else 0
+        ):
             key = (str(cap), ahead)
             if key not in self.segments and key not in self.inflight:
                 self.nursery.start_soon(self._prefetch, cap, ahead)

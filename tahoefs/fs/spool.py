@@ -27,6 +27,7 @@ class Spool:
         self.size = 0
         self.loaded = False  # holds the file's content (fetched, or truncated to empty)
         self.dirty = False
+        self.version = 0  # bumped by every change, so a flush knows whether writes came meanwhile
 
     def pread(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)
@@ -35,12 +36,14 @@ class Spool:
         written = os.pwrite(self.fd, data, offset)
         self.size = max(self.size, offset + written)
         self.dirty = True
+        self.version += 1
         return written
 
     def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, size)
         self.size = size
         self.dirty = True
+        self.version += 1
 
     def describe(self, target: str) -> None:
         """Record what this spool is for, so a failed upload can be found and retried."""
