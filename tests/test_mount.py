@@ -326,3 +326,25 @@ def test_a_file_unlinked_while_open_does_not_come_back_at_close(mounted) -> None
         os.rename(mnt / "renamed-while-open", mnt / "new-name")
     assert os.listdir(mnt) == ["new-name"]
     assert (mnt / "new-name").read_bytes() == b"data" * 3000
+
+
+def test_content_whose_save_failed_is_saved_by_the_next_mount_after_a_crash(mounted, tmp_path: Path) -> None:
+    import json
+    import signal
+
+    grid, mnt, root = mounted
+    data = os.urandom(MiB + 7)
+    down = [0, 1, 2, 3, 4]
+    grid.stop(*down)
+    try:
+        with pytest.raises(OSError), open(mnt / "late.bin", "wb") as f:
+            f.write(data)  # close() fails: too few nodes; the spool stays on disk, described
+        state = next((grid.home / "mounts").glob("*[0-9a-f].json"))
+        os.kill(json.loads(state.read_text())["pid"], signal.SIGKILL)
+        subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+        state.unlink(missing_ok=True)
+    finally:
+        grid.start(*down)
+    grid.run("mount", root, str(mnt), check=True)
+    assert (mnt / "late.bin").read_bytes() == data
+    assert list((grid.home / "spool").glob("*.data")) == []

@@ -31,11 +31,11 @@ FLUSH_DELAY = 0.2  # seconds changes may wait to be batched with others
 RETRY_DELAY = 2.0
 
 
-def _encode_entry(entry: Entry) -> str:
+def encode_entry_b64(entry: Entry) -> str:
     return base64.b64encode(encode_bucket([entry])).decode()
 
 
-def _decode_entry(text: str) -> Entry:
+def decode_entry_b64(text: str) -> Entry:
     return decode_bucket(base64.b64decode(text))[0]
 
 
@@ -69,7 +69,7 @@ class Journal:
         line = {
             "dir": dir_cap,
             "name": base64.b64encode(name).decode(),
-            "entry": None if entry is None else _encode_entry(entry),
+            "entry": None if entry is None else encode_entry_b64(entry),
             "drop": drop or [],
         }
         os.write(self.fd, (json.dumps(line) + "\n").encode())
@@ -106,7 +106,7 @@ class Journal:
             for raw in f:
                 try:
                     line = json.loads(raw)
-                    entry = None if line["entry"] is None else _decode_entry(line["entry"])
+                    entry = None if line["entry"] is None else decode_entry_b64(line["entry"])
                     self._note(line["dir"], base64.b64decode(line["name"]), entry, list(line["drop"]))
                     found += 1
                 except (ValueError, KeyError, TypeError):

@@ -95,6 +95,10 @@ async def serve(
             replayed = journal.load()  # left by a mount that died: pushed by the flusher, visible now
             if replayed:
                 log.info("replaying %d journal records left by an earlier mount", replayed)
+                await journal.drain(grid.stall_timeout * 3)
+            saved = await fs.save_leftovers()  # content whose save a dead mount had not finished
+            if saved:
+                log.info("saved %d files an earlier mount had not finished saving", saved)
         try:
             ready()
             async with trio.open_nursery() as nursery:
@@ -214,6 +218,7 @@ def _daemon(
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would flood the log
     _record(state_file, os.getpid(), mountpoint, log_file)
     told = False
 

@@ -42,9 +42,9 @@ from tahoefs.formats.dirformat import (
     unseal_write_cap,
 )
 from tahoefs.fs.inodes import ROOT_INODE, Inode, InodeTable, attributes
-from tahoefs.fs.journal import Journal
+from tahoefs.fs.journal import Journal, decode_entry_b64, encode_entry_b64
 from tahoefs.fs.readcache import ReadCache
-from tahoefs.fs.spool import Spool
+from tahoefs.fs.spool import Spool, file_source, leftovers
 from tahoefs.grid.client import GridClient
 from tahoefs.grid.delete import delete_file
 from tahoefs.grid.directory import Directory
@@ -584,8 +584,9 @@ class TahoeFS(pyfuse3.Operations):
         spool = node.spool
         if not isinstance(spool, Spool) or not spool.dirty:
             return
-        target = f"{self._read_cap(self.table[node.parent])}/{os.fsdecode(node.name)}"
-        spool.describe(target)
+        parent_dir = self._dir(self.table[node.parent])
+        target = os.fsdecode(node.name)
+        spool.describe(str(parent_dir.cap), node.name, encode_entry_b64(node.entry))
         snapshot, size = spool.version, spool.size
         try:
             if size <= INLINE_FILE_MAX:
@@ -648,6 +649,29 @@ class TahoeFS(pyfuse3.Operations):
             for n in self.table.by_ino.values()
             if isinstance(n.spool, Spool) and n.spool.dirty
         ]
+
+    async def save_leftovers(self) -> int:
+        """Save content a dead mount left in described spools (its flush had not finished): upload
+        it and link it where it belonged. Returns how many were saved; failures stay for next time."""
+        saved = 0
+        for data, meta in leftovers(self.spool_dir):
+            try:
+                entry = decode_entry_b64(meta["entry"])
+                size = data.stat().st_size
+                entry.size = size
+                if size <= INLINE_FILE_MAX:
+                    entry.inline, entry.cap = data.read_bytes(), ""
+                else:
+                    entry.inline = b""
+                    entry.cap = str(await upload(self.grid, file_source(data), None, size))
+                await self.apply_changes(meta["dir"], {bytes.fromhex(meta["name"]): entry})
+            except (TahoefsError, OSError, ValueError, KeyError) as exc:
+                log.error("could not save leftover spool %s: %s", data.name, exc)
+                continue
+            data.unlink(missing_ok=True)
+            data.with_suffix(".json").unlink(missing_ok=True)
+            saved += 1
+        return saved
 
     async def commit_all(self) -> None:
         """Push every dirty spool (at unmount)."""

@@ -20,7 +20,8 @@ COPY_CHUNK = 1024 * 1024
 class Spool:
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self.id = secrets.token_hex(8)
+        # The owner's pid leads the name: a live mount's spools are never taken for leftovers.
+        self.id = f"{os.getpid()}-{secrets.token_hex(8)}"
         self.path = folder / f"{self.id}.data"
         self.meta_path = folder / f"{self.id}.json"
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -45,10 +46,22 @@ class Spool:
         self.dirty = True
         self.version += 1
 
-    def describe(self, target: str) -> None:
-        """Record what this spool is for, so a failed upload can be found and retried."""
+    def describe(self, dir_cap: str, name: bytes, entry_b64: str) -> None:
+        """Record (durably) where this content belongs, so that if the mount dies before it is saved,
+        the next mount of the tree finds it (`leftovers`) and saves it."""
+        os.fsync(self.fd)
         tmp = self.meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"target": target, "size": self.size}))
+        with open(tmp, "w") as f:
+            meta = {
+                "dir": dir_cap,
+                "name": name.hex(),
+                "entry": entry_b64,
+                "size": self.size,
+                "pid": os.getpid(),
+            }
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.meta_path)
 
     def source(self) -> ByteSource:
@@ -63,6 +76,59 @@ class Spool:
             self.fd = -1
         self.path.unlink(missing_ok=True)
         self.meta_path.unlink(missing_ok=True)
+
+
+def leftovers(folder: Path) -> list[tuple[Path, dict]]:
+    """Spools a dead mount left with a description: (data path, description). Spools without one
+    (never flushed: their close() never returned success) are removed."""
+    found = []
+    if not folder.exists():
+        return found
+    for data in folder.glob("*.data"):
+        meta = data.with_suffix(".json")
+        try:
+            description = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            description = None
+        owner = description.get("pid") if description else _owner_of(data)
+        if owner and owner != os.getpid() and _running(owner):
+            continue  # a live mount's spool
+        if description is None:
+            data.unlink(missing_ok=True)
+            meta.unlink(missing_ok=True)
+        else:
+            found.append((data, description))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _owner_of(data: Path) -> int | None:
+    try:
+        return int(data.name.split(".")[0].split("-")[0])
+    except ValueError:
+        return None
+
+
+def file_source(path: Path) -> ByteSource:
+    return _FileSource(path)
+
+
+class _FileSource(ByteSource):
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "rb")  # noqa: SIM115 - closed at EOF
+
+    async def read(self, n: int) -> bytes:
+        data = self.file.read(n)
+        if not data:
+            self.file.close()
+        return data
 
 
 class _SpoolReader(ByteSource):
