@@ -348,3 +348,28 @@ def test_content_whose_save_failed_is_saved_by_the_next_mount_after_a_crash(moun
     grid.run("mount", root, str(mnt), check=True)
     assert (mnt / "late.bin").read_bytes() == data
     assert list((grid.home / "spool").glob("*.data")) == []
+
+
+def test_stale_listing_does_not_roll_back_a_newer_file_and_moved_dirs_stay_writable(mounted) -> None:
+    _grid, mnt, _root = mounted
+    (mnt / "g").write_bytes(b"v1")
+    (mnt / "p1" / "sub").mkdir(parents=True)
+    (mnt / "p2").mkdir()
+    with os.scandir(mnt) as it:  # the listing snapshot is taken here
+        (mnt / "g").write_bytes(b"v2")
+        list(it)
+    with open(mnt / "g", "ab") as f:
+        f.write(b"+")
+    assert (mnt / "g").read_bytes() == b"v2+"
+    os.rename(mnt / "p1" / "sub", mnt / "p2" / "sub")
+    (mnt / "p2" / "sub" / "x").mkdir()
+    assert os.listdir(mnt / "p2" / "sub") == ["x"]
+
+
+def test_a_second_writable_mount_of_the_same_tree_from_one_home_is_refused(mounted, tmp_path: Path) -> None:
+    grid, _mnt, root = mounted
+    other = tmp_path / "other"
+    other.mkdir()
+    proc = grid.run("mount", root, str(other))
+    assert proc.returncode == 2 and b"already mounted" in proc.stderr, proc.stderr
+    assert f" {other} " not in Path("/proc/mounts").read_text()

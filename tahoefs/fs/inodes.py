@@ -8,6 +8,7 @@ the Directory object that reads and writes it.
 
 from __future__ import annotations
 
+import copy
 import stat
 from dataclasses import dataclass, field
 
@@ -51,17 +52,18 @@ class InodeTable:
         except KeyError:
             raise pyfuse3.FUSEError(2) from None  # ENOENT: a stale inode
 
-    def remember(self, parent: Inode, entry: Entry) -> Inode:
-        """The inode for `entry` in `parent`, creating it or refreshing its entry; counts one lookup."""
+    def remember(self, parent: Inode, entry: Entry, refresh: bool = True) -> Inode:
+        """The inode for `entry` in `parent`, creating it or (with refresh, and unless it holds unsaved
+        changes) refreshing its entry; counts one lookup. Keeps its own copy of the entry."""
         ino = parent.children.get(entry.name)
         node = self.by_ino.get(ino) if ino is not None else None
         if node is None or node.entry.kind != entry.kind:
-            node = Inode(self._next, parent.ino, entry.name, entry)
+            node = Inode(self._next, parent.ino, entry.name, copy.deepcopy(entry))
             self._next += 1
             self.by_ino[node.ino] = node
             parent.children[entry.name] = node.ino
-        elif node.spool is None:
-            node.entry = entry  # the grid's view, unless we hold unsaved changes
+        elif refresh and node.spool is None:
+            node.entry = copy.deepcopy(entry)
         node.lookups += 1
         return node
 

@@ -15,6 +15,7 @@ Record: one JSON line {"dir": DIR WRITE CAP, "name": b64, "entry": b64(Entry.enc
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import trio
 
-from tahoefs.errors import TahoefsError
+from tahoefs.errors import TahoefsError, UsageError
 from tahoefs.formats.dirformat import Entry, decode_bucket, encode_bucket
 
 log = logging.getLogger("tahoefs.journal")
@@ -61,11 +62,24 @@ class Journal:
         self._idle = trio.Event()
         self._idle.set()
         self.errors: list[str] = []
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise UsageError(
+                "this tree is already mounted writable from this TAHOEFS_HOME; unmount it first "
+                "(or mount this one --read-only)"
+            ) from None
 
     # -- recording -------------------------------------------------------------------------------
     def record(self, dir_cap: str, name: bytes, entry: Entry | None, drop: list[str] | None = None) -> None:
-        """Durably note that `name` in `dir_cap` becomes `entry` (None: removed)."""
+        """Durably note that `name` in `dir_cap` becomes `entry` (None: removed). Raises ValueError
+        for an entry that does not belong under `name` or would not decode (never journaled)."""
+        if entry is not None:
+            if entry.name != name:
+                raise ValueError("journal entry name mismatch")
+            entry = decode_entry_b64(encode_entry_b64(entry))  # our own copy, proven to decode
         line = {
             "dir": dir_cap,
             "name": base64.b64encode(name).decode(),
@@ -77,6 +91,8 @@ class Journal:
         self._note(dir_cap, name, entry, drop or [])
 
     def _note(self, dir_cap: str, name: bytes, entry: Entry | None, drop: list[str]) -> None:
+        if entry is not None and entry.name != name:
+            raise ValueError("journal entry name mismatch")
         self.pending.setdefault(dir_cap, {})[name] = entry
         self._counter += 1
         self._generation[(dir_cap, name)] = self._counter
@@ -102,26 +118,38 @@ class Journal:
     def load(self) -> int:
         """Read what a previous mount left (ignoring a torn last line). Returns records found."""
         found = 0
+        good_end = 0
         with open(self.path, "rb") as f:
             for raw in f:
                 try:
+                    if not raw.endswith(b"\n"):
+                        raise ValueError("torn")
                     line = json.loads(raw)
                     entry = None if line["entry"] is None else decode_entry_b64(line["entry"])
                     self._note(line["dir"], base64.b64decode(line["name"]), entry, list(line["drop"]))
                     found += 1
+                    good_end += len(raw)
                 except (ValueError, KeyError, TypeError):
                     log.warning("ignoring a damaged journal line (a crash while writing it)")
+                    break
+        os.ftruncate(self.fd, good_end)  # new records must not be glued onto a torn one
+        os.fsync(self.fd)
         return found
 
     # -- flushing --------------------------------------------------------------------------------
     async def flush_once(self) -> None:
         """Push everything pending now; raises TahoefsError if a directory could not be written."""
+        failure: Exception | None = None
         for dir_cap in list(self.pending):
             changes = dict(self.pending.get(dir_cap, {}))
             if not changes:
                 continue
             marks = {name: self._generation[(dir_cap, name)] for name in changes}
-            await self.apply(dir_cap, changes)
+            try:
+                await self.apply(dir_cap, changes)
+            except Exception as exc:  # other directories still get their turn
+                failure = failure or exc
+                continue
             current = self.pending.get(dir_cap, {})
             for name, mark in marks.items():
                 if self._generation.get((dir_cap, name)) == mark:  # not changed again meanwhile
@@ -136,6 +164,8 @@ class Journal:
         if not self.pending:
             self._truncate()
             self._idle.set()
+        if failure is not None:
+            raise failure
 
     def _truncate(self) -> None:
         os.ftruncate(self.fd, 0)

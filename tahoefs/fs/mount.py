@@ -85,20 +85,20 @@ async def serve(
             options.add("ro")
         if allow_other:
             options.add("allow_other")
-        pyfuse3.init(fs, str(mountpoint), options)
         _state_file, status_file = state_paths(home, mountpoint)
         journal = None
-        if not read_only:
+        if not read_only:  # before mounting: a refused journal lock must not leave a dead mount
             assert isinstance(cap, DirWriteCap)
             journal_path = home / "journal" / f"{b32encode(cap.storage_index)}.log"
             journal = Journal(journal_path, fs.apply_changes, fs.drop_caps)
-            replayed = journal.load()  # left by a mount that died: pushed by the flusher, visible now
+            replayed = journal.load()  # left by a mount that died: pushed now, visible meanwhile
             if replayed:
                 log.info("replaying %d journal records left by an earlier mount", replayed)
                 await journal.drain(grid.stall_timeout * 3)
             saved = await fs.save_leftovers()  # content whose save a dead mount had not finished
             if saved:
                 log.info("saved %d files an earlier mount had not finished saving", saved)
+        pyfuse3.init(fs, str(mountpoint), options)
         try:
             ready()
             async with trio.open_nursery() as nursery:
@@ -192,7 +192,10 @@ def run_mount(
     if answer != "ok":
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
-        raise TahoefsError(answer.removeprefix("error: ") or f"the mount daemon died; see {log_file}")
+        message = answer.removeprefix("error: ")
+        if message.startswith("usage: "):
+            raise UsageError(message.removeprefix("usage: "))
+        raise TahoefsError(message or f"the mount daemon died; see {log_file}")
 
 
 def _record(state_file: Path, pid: int, mountpoint: Path, log_file: Path) -> None:
@@ -234,6 +237,8 @@ def _daemon(
         logging.getLogger("tahoefs.mount").exception("mount failed")
         if not told:
             text = str(exc) if isinstance(exc, TahoefsError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, UsageError):
+                text = "usage: " + text
             os.write(write_fd, f"error: {text}\n".encode())
             os.close(write_fd)
     finally:

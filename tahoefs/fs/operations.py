@@ -36,7 +36,9 @@ from tahoefs.formats.dirformat import (
     KIND_DIR,
     KIND_FILE,
     KIND_SYMLINK,
+    MAX_XATTR_NAME,
     MAX_XATTR_VALUE,
+    MAX_XATTRS_PER_ENTRY,
     Entry,
     seal_write_cap,
     unseal_write_cap,
@@ -228,6 +230,13 @@ class TahoeFS(pyfuse3.Operations):
                 up.lookups += 1
                 return attributes(up)
             entry = await self._get(parent, name)
+            if self.journal is not None and parent.is_dir:
+                # A change recorded while we were reading the grid is newer than what we read.
+                known, newer = self.journal.lookup(str(self._dir(parent).cap), name)
+                if known:
+                    if newer is None:
+                        raise pyfuse3.FUSEError(errno.ENOENT)
+                    entry = newer
             return attributes(self.table.remember(parent, entry))
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -256,7 +265,7 @@ class TahoeFS(pyfuse3.Operations):
         listing = self.listings[fh]
         for index in range(start_id, len(listing)):
             entry = listing[index]
-            child = self.table.remember(node, entry)
+            child = self.table.remember(node, entry, refresh=False)  # the snapshot may be older
             if not pyfuse3.readdir_reply(token, entry.name, attributes(child), index + 1):
                 self.table.forget(child.ino, 1)
                 break
@@ -395,7 +404,11 @@ class TahoeFS(pyfuse3.Operations):
             if node_ino is not None and node_ino in self.table.by_ino:
                 node = self.table.by_ino[node_ino]
                 self.table.attach(new_parent, node, name_new)
-                node.entry.ctime_ns = moved.ctime_ns
+                if node.spool is None or not node.spool.dirty:
+                    node.entry = copy.deepcopy(moved)
+                else:
+                    node.entry.sealed_write_cap, node.entry.ctime_ns = moved.sealed_write_cap, moved.ctime_ns
+                node.directory = None  # reopened from the new parent (its write cap is sealed anew)
             else:
                 self.table.detach(new_parent, name_new)
 
@@ -435,6 +448,9 @@ class TahoeFS(pyfuse3.Operations):
                 node.entry = entry
                 if node.open_handles == 0 or fh is None:
                     await self._commit(node)
+                    if node.open_handles == 0 and isinstance(node.spool, Spool) and not node.spool.dirty:
+                        node.spool.discard()
+                        node.spool = None
                 return attributes(node)
             if node.spool is not None and node.spool.dirty:
                 node.entry = entry  # published with the content at flush
@@ -490,6 +506,11 @@ class TahoeFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTSUP)
         if len(value) > MAX_XATTR_VALUE:
             raise pyfuse3.FUSEError(errno.E2BIG)
+        if len(name) > MAX_XATTR_NAME:
+            raise pyfuse3.FUSEError(errno.ERANGE)
+        xattrs = self.table[inode].entry.xattrs
+        if name not in xattrs and len(xattrs) >= MAX_XATTRS_PER_ENTRY:
+            raise pyfuse3.FUSEError(errno.ENOSPC)
         await self._change_xattrs(inode, lambda x: x.__setitem__(name, value))
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -584,6 +605,9 @@ class TahoeFS(pyfuse3.Operations):
         spool = node.spool
         if not isinstance(spool, Spool) or not spool.dirty:
             return
+        if self._orphaned(node):
+            spool.dirty = False  # unlinked or replaced while open: nothing to save, nowhere to put it
+            return
         parent_dir = self._dir(self.table[node.parent])
         target = os.fsdecode(node.name)
         spool.describe(str(parent_dir.cap), node.name, encode_entry_b64(node.entry))
@@ -599,16 +623,19 @@ class TahoeFS(pyfuse3.Operations):
 
                 cap = await upload(self.grid, spool.source(), progress, size)
                 inline, cap_text = b"", str(cap)
-            parent = self.table.by_ino.get(node.parent)
-            if parent is None or parent.children.get(node.name) != node.ino:
-                # Unlinked (or replaced) while open: its content goes nowhere.
+            old = None
+            if not self._orphaned(node):
+                old = await self._entry(self.table[node.parent], node.name)
+            # No await from here to the record: a rename now cannot put the entry under another name.
+            if self._orphaned(node):
                 if cap_text:
                     await self.drop_caps([cap_text])
-                spool.dirty = spool.version != snapshot
+                spool.dirty = False
                 return
+            parent = self.table[node.parent]
             entry = copy.deepcopy(node.entry)  # metadata changed during the upload is kept
+            entry.name = node.name
             entry.size, entry.inline, entry.cap = size, inline, cap_text
-            old = await self._entry(parent, node.name)
             self._record(parent, node.name, entry, _content_caps(old) if old and old.cap != entry.cap else [])
         except TahoefsError as exc:
             self._error(f"saving {target} failed: {exc}")
@@ -620,6 +647,10 @@ class TahoeFS(pyfuse3.Operations):
             spool.dirty = False
         else:
             node.entry.inline, node.entry.cap = entry.inline, entry.cap  # newer writes: still dirty
+
+    def _orphaned(self, node: Inode) -> bool:
+        parent = self.table.by_ino.get(node.parent)
+        return parent is None or parent.children.get(node.name) != node.ino
 
     async def flush(self, fh: int) -> None:
         with _errno():
@@ -664,7 +695,13 @@ class TahoeFS(pyfuse3.Operations):
                 else:
                     entry.inline = b""
                     entry.cap = str(await upload(self.grid, file_source(data), None, size))
-                await self.apply_changes(meta["dir"], {bytes.fromhex(meta["name"]): entry})
+                directory = self.dirs.get(meta["dir"]) or Directory(self.grid, parse_cap(meta["dir"]))  # type: ignore[arg-type]
+
+                def put_back(old: Entry | None, entry: Entry = entry) -> Entry | None:
+                    # Deleted (or replaced by a non-file) since: the leftover is not resurrected.
+                    return entry if old is not None and old.kind == KIND_FILE else old
+
+                await directory.modify(bytes.fromhex(meta["name"]), put_back)
             except (TahoefsError, OSError, ValueError, KeyError) as exc:
                 log.error("could not save leftover spool %s: %s", data.name, exc)
                 continue
