@@ -245,7 +245,7 @@ def _cmd_mkdir(args: argparse.Namespace) -> int:
 
 def _cmd_mount(args: argparse.Namespace) -> int:
     from tahoefs.formats.caps import DirReadCap, DirWriteCap, parse_cap
-    from tahoefs.fs.mount import run_mount
+    from tahoefs.fs.mount import MountRequest, run_mount
 
     if len(args.args) > 2:
         raise UsageError("mount takes [ALIAS|CAP] MOUNTPOINT")
@@ -259,16 +259,16 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         cap = parse_cap(aliases[source])
     if not isinstance(cap, DirWriteCap | DirReadCap):
         raise UsageError("mount needs a directory cap (tahoefs:dir or tahoefs:dir-ro)")
-    run_mount(
+    request = MountRequest(
         home.load_grid_config(args.grid),
         home.client_secret(),
         cap,
         Path(mountpoint),
         home.home_dir(),
-        args.foreground,
         args.read_only,
         args.allow_other,
     )
+    run_mount(request, args.foreground)
     return EXIT_OK
 
 

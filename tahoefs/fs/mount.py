@@ -9,6 +9,7 @@ ID.status.json (uploads in flight, pending saves, recent errors), refreshed ever
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
@@ -61,17 +63,23 @@ def check_mountpoint(mountpoint: Path) -> Path:
     return mountpoint
 
 
-async def serve(
-    config: GridConfig,
-    secret: bytes,
-    cap: DirWriteCap | DirReadCap,
-    mountpoint: Path,
-    home: Path,
-    read_only: bool,
-    allow_other: bool,
-    ready: Callable[[], None],
-) -> None:
+@dataclass(frozen=True)
+class MountRequest:
+    """Everything a mount needs, as the CLI resolved it."""
+
+    config: GridConfig
+    secret: bytes
+    cap: DirWriteCap | DirReadCap
+    mountpoint: Path
+    home: Path
+    read_only: bool = False
+    allow_other: bool = False
+
+
+async def serve(request: MountRequest, ready: Callable[[], None]) -> None:
     """Connect, mount, serve until unmounted or signalled; then push pending work and unmount."""
+    config, secret, cap = request.config, request.secret, request.cap
+    mountpoint, home, read_only = request.mountpoint, request.home, request.read_only
     log = logging.getLogger("tahoefs.mount")
     async with GridClient(config, secret) as grid:
         root = Directory(grid, cap)
@@ -83,7 +91,7 @@ async def serve(
         options = set(pyfuse3.default_options) | {"fsname=tahoefs", "subtype=tahoefs"}
         if read_only:
             options.add("ro")
-        if allow_other:
+        if request.allow_other:
             options.add("allow_other")
         _state_file, status_file = state_paths(home, mountpoint)
         journal = None
@@ -155,19 +163,12 @@ async def _write_status(fs: TahoeFS, path: Path) -> None:
         await trio.sleep(1)
 
 
-def run_mount(
-    config: GridConfig,
-    secret: bytes,
-    cap: DirWriteCap | DirReadCap,
-    mountpoint: Path,
-    home: Path,
-    foreground: bool,
-    read_only: bool,
-    allow_other: bool,
-) -> None:
+def run_mount(request: MountRequest, foreground: bool) -> None:
     """Mount and return once the mount answers (or serve in the foreground until unmounted).
     Raises UsageError for a bad mount point, TahoefsError when the grid or the mount fails."""
-    mountpoint = check_mountpoint(mountpoint)
+    mountpoint = check_mountpoint(request.mountpoint)
+    request = dataclasses.replace(request, mountpoint=mountpoint)
+    home = request.home
     state_file, _status = state_paths(home, mountpoint)
     state_file.parent.mkdir(parents=True, exist_ok=True)
     log_file = home / "logs" / f"mount-{mount_id(mountpoint)}.log"
@@ -176,7 +177,7 @@ def run_mount(
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         _record(state_file, os.getpid(), mountpoint, log_file)
         try:
-            trio.run(serve, config, secret, cap, mountpoint, home, read_only, allow_other, lambda: None)
+            trio.run(serve, request, lambda: None)
         finally:
             state_file.unlink(missing_ok=True)
         return
@@ -184,7 +185,7 @@ def run_mount(
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(read_fd)
-        _daemon(write_fd, config, secret, cap, mountpoint, home, read_only, allow_other, state_file, log_file)
+        _daemon(write_fd, request, state_file, log_file)
         os._exit(0)
     os.close(write_fd)
     with os.fdopen(read_fd) as pipe:
@@ -202,18 +203,7 @@ def _record(state_file: Path, pid: int, mountpoint: Path, log_file: Path) -> Non
     state_file.write_text(json.dumps({"pid": pid, "mountpoint": str(mountpoint), "log": str(log_file)}))
 
 
-def _daemon(
-    write_fd: int,
-    config: GridConfig,
-    secret: bytes,
-    cap: DirWriteCap | DirReadCap,
-    mountpoint: Path,
-    home: Path,
-    read_only: bool,
-    allow_other: bool,
-    state_file: Path,
-    log_file: Path,
-) -> None:
+def _daemon(write_fd: int, request: MountRequest, state_file: Path, log_file: Path) -> None:
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
     log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -222,7 +212,7 @@ def _daemon(
     os.dup2(log_fd, 2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would flood the log
-    _record(state_file, os.getpid(), mountpoint, log_file)
+    _record(state_file, os.getpid(), request.mountpoint, log_file)
     told = False
 
     def ready() -> None:
@@ -232,7 +222,7 @@ def _daemon(
         told = True
 
     try:
-        trio.run(serve, config, secret, cap, mountpoint, home, read_only, allow_other, ready)
+        trio.run(serve, request, ready)
     except BaseException as exc:
         logging.getLogger("tahoefs.mount").exception("mount failed")
         if not told:
