@@ -373,3 +373,16 @@ def test_a_second_writable_mount_of_the_same_tree_from_one_home_is_refused(mount
     proc = grid.run("mount", root, str(other))
     assert proc.returncode == 2 and b"already mounted" in proc.stderr, proc.stderr
     assert f" {other} " not in Path("/proc/mounts").read_text()
+
+
+def test_long_names_get_enametoolong_and_create_nothing(mounted) -> None:
+    import errno
+
+    _grid, mnt, _root = mounted
+    long_name = "x" * 256
+    for action in (lambda p: p.write_bytes(b"x"), lambda p: p.mkdir(), lambda p: p.symlink_to("t")):
+        with pytest.raises(OSError) as excinfo:
+            action(mnt / long_name)
+        assert excinfo.value.errno == errno.ENAMETOOLONG
+    (mnt / ("y" * 255)).write_bytes(b"ok")  # the longest name allowed
+    assert os.listdir(mnt) == ["y" * 255]

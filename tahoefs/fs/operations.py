@@ -174,6 +174,10 @@ class TahoeFS(pyfuse3.Operations):
         return await directory.lookup(name)
 
     async def _must_be_new(self, parent: Inode, name: bytes) -> None:
+        """Checks a name for a new entry, before any grid work: valid, writable parent, not taken."""
+        _check_name(name)
+        if not isinstance(self._dir(parent).cap, DirWriteCap):
+            raise pyfuse3.FUSEError(errno.EROFS)
         if await self._entry(parent, name) is not None:
             raise pyfuse3.FUSEError(errno.EEXIST)
 
@@ -229,6 +233,7 @@ class TahoeFS(pyfuse3.Operations):
                 up = self.table[parent.parent]
                 up.lookups += 1
                 return attributes(up)
+            _check_name(name)
             entry = await self._get(parent, name)
             if self.journal is not None and parent.is_dir:
                 # A change recorded while we were reading the grid is newer than what we read.
@@ -370,6 +375,7 @@ class TahoeFS(pyfuse3.Operations):
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise pyfuse3.FUSEError(errno.EINVAL)
         with _errno():
+            _check_name(name_new)
             old_parent, new_parent = self.table[parent_inode_old], self.table[parent_inode_new]
             old_dir, new_dir = self._dir(old_parent), self._dir(new_parent)
             entry = await self._get(old_parent, name_old)
@@ -538,6 +544,9 @@ class TahoeFS(pyfuse3.Operations):
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         if writable:
             self._writable()
+            parent = self.table.by_ino.get(node.parent)
+            if parent is not None and not isinstance(self._dir(parent).cap, DirWriteCap):
+                raise pyfuse3.FUSEError(errno.EROFS)  # inside a directory we only hold a read cap for
         with _errno():
             if flags & os.O_TRUNC and writable:
                 spool = await self._spool(node, load=False)
@@ -716,6 +725,13 @@ class TahoeFS(pyfuse3.Operations):
             if isinstance(node.spool, Spool) and node.spool.dirty:
                 with contextlib.suppress(TahoefsError, pyfuse3.FUSEError):
                     await self._commit(node)
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > 255:
+        raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+    if not name or b"/" in name or b"\0" in name:
+        raise pyfuse3.FUSEError(errno.EINVAL)
 
 
 def _content_caps(entry: Entry | None) -> list[str]:
