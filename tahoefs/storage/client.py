@@ -153,6 +153,9 @@ class NodeClient:
             ) as response:
                 if response.status_code != 201:
                     raise await self._error_from(response, f"store share {num}")
+                # Read the (small) answer: a response left unread closes its connection, and the
+                # next share would pay for a new one.
+                await _read_bounded(self.stats, response, MAX_JSON_BYTES, self.name)
         except (httpx.HTTPError, OSError) as exc:
             raise self._fail(f"store share {num}", exc) from None
 
