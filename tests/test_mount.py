@@ -223,6 +223,9 @@ def test_mount_shows_as_fuse_tahoefs_and_cap_prints_a_read_cap(mounted) -> None:
     assert grid.get_bytes(cap) == (mnt / "f").read_bytes()
     dcap = grid.run("cap", str(mnt), check=True).stdout.decode().strip()
     assert dcap.startswith("tahoefs:dir-ro:v1:")
+    fd = os.open(mnt, os.O_RDONLY)
+    os.fsync(fd)  # the directory change is durable in the journal; fsync puts it on the grid for others
+    os.close(fd)
     assert grid.run("ls", dcap, check=True).stdout.decode().split() == ["f"]
 
 

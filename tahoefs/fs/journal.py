@@ -28,7 +28,7 @@ from tahoefs.errors import TahoefsError, UsageError
 from tahoefs.formats.dirformat import Entry, decode_bucket, encode_bucket
 
 log = logging.getLogger("tahoefs.journal")
-FLUSH_DELAY = 0.2  # seconds changes may wait to be batched with others
+FLUSH_DELAY = 2.0  # seconds changes wait to be batched with others (they are durable meanwhile)
 RETRY_DELAY = 2.0
 
 

@@ -50,7 +50,7 @@ from tahoefs.grid.mutable import ConflictError, MutableObject, Version, delete_v
 from tahoefs.grid.upload import BytesSource, upload
 
 MAX_ATTEMPTS = 30
-FRESH_SECONDS = 1.0  # how old a directory version reads may use
+FRESH_SECONDS = 5.0  # how old a directory version reads may use
 BUCKETS_CACHED = 8  # per directory: encoded buckets (at most BUCKET_SPLIT_BYTES each)
 Change = Callable[["Entry | None"], "Entry | None"]
 EMPTY_ROOT = encode_root([BucketRef(0, 0, inline=encode_bucket([]))])
