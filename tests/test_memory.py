@@ -55,3 +55,27 @@ def test_put_and_get_peak_rss_does_not_grow_with_file_size(grid: LocalGrid, tmp_
         assert large - small <= GROWTH_MIB, (
             f"{name}: grew {large - small:.1f} MiB ({small:.1f} -> {large:.1f})"
         )
+
+
+def _vm_hwm_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_mount_daemon_peak_rss_does_not_grow_with_file_size(mounted, tmp_path: Path) -> None:
+    grid, mnt, _root = mounted
+    state = next(p for p in (grid.home / "mounts").glob("*.json") if p.name.count(".") == 1)
+    pid = json.loads(state.read_text())["pid"]
+    peaks = []
+    for size in (16 * MiB, 192 * MiB):
+        src = _file(tmp_path / "src", size)
+        subprocess.run(["cp", str(src), str(mnt / f"f{size}")], check=True)
+        peaks.append(_vm_hwm_mib(pid))
+    subprocess.run(["cat", str(mnt / f"f{192 * MiB}")], check=True, stdout=subprocess.DEVNULL)
+    peaks.append(_vm_hwm_mib(pid))
+    after_small, after_large, after_cat = peaks
+    assert after_large - after_small <= GROWTH_MIB, peaks
+    assert after_cat - after_large <= GROWTH_MIB, peaks
+    assert after_cat <= 192, peaks

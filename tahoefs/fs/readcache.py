@@ -1,8 +1,9 @@
 """Verified plaintext segments of immutable files, shared by every open handle of the mount.
 
-A bounded LRU (READ_CACHE_BYTES) of decrypted segments, one FileReader per file (its verified trailers
-stay cached), de-duplicated in-flight fetches, and read-ahead: a read that reaches into segment i also
-starts fetching segments i+1..i+READ_AHEAD_SEGMENTS in the background.
+A bounded LRU (READ_CACHE_BYTES) of decrypted segments, at most SEGMENT_FETCHES fetches at once, one
+FileReader per file (its verified trailers stay cached), de-duplicated in-flight fetches, and read-ahead:
+a sequential read that reaches into segment i also starts fetching segments i+1..i+READ_AHEAD_SEGMENTS
+in the background.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from tahoefs.formats.caps import FileCap
 from tahoefs.grid.client import GridClient
 from tahoefs.grid.download import FileReader
 
-READ_CACHE_BYTES = 8 * 1024 * 1024  # 8 segments: room for the current ones plus read-ahead
-READ_AHEAD_SEGMENTS = 3
+READ_CACHE_BYTES = 6 * 1024 * 1024  # 6 segments: room for the ones being read plus read-ahead
+READ_AHEAD_SEGMENTS = 2
+SEGMENT_FETCHES = 3  # segments being fetched at once (each holds ~2 MiB: k blocks and the plaintext)
 READERS_KEPT = 64
 
 
@@ -28,6 +30,7 @@ class ReadCache:
         self.segments: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self.bytes = 0
         self.inflight: dict[tuple[str, int], trio.Event] = {}
+        self.fetch_slots = trio.Semaphore(SEGMENT_FETCHES)
         self.readers: OrderedDict[str, tuple[FileReader, int]] = OrderedDict()
         self.problems: list[str] = []
         self.last_end: dict[str, int] = {}  # where the last read of each file ended (sequential?)
@@ -60,7 +63,8 @@ class ReadCache:
         event = self.inflight[key] = trio.Event()
         try:
             reader, seg_size = await self._reader(cap)
-            data = await reader.read_segment(index, seg_size)
+            async with self.fetch_slots:
+                data = await reader.read_segment(index, seg_size)
             for problem in reader.problems:
                 if problem not in self.problems:
                     self.problems.append(problem)
