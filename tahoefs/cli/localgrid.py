@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -70,8 +71,28 @@ class LocalNode:
         return data["node_id"], data["token"]
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
+    """A free loopback port below the kernel's ephemeral range, so that no outgoing connection (which
+    takes its local port from that range) can grab it before the node binds it."""
+    low, _high = _ephemeral_range()
+    top = max(low - 1, 20000)
+    for _ in range(200):
+        port = random.randint(max(1024, top - 12000), top)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # fall back to any port the kernel offers
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -166,7 +187,18 @@ def grid_up(home: Path, grid_path: Path, count: int | None) -> list[LocalNode]:
     for node in nodes:
         if node.pid() is None:
             _start(node)
-    _wait_ready(nodes)
+    try:
+        _wait_ready(nodes)
+    except GridError as exc:
+        if "Address already in use" not in str(exc):
+            raise
+        # Someone took a recorded port meanwhile: give those nodes new ports (the grid file is
+        # rewritten below) and try once more.
+        for node in nodes:
+            if node.pid() is None:
+                (node.dir / "port").unlink(missing_ok=True)
+                _start(node)
+        _wait_ready(nodes)
     config = GridConfig()
     if grid_path.exists():
         with contextlib.suppress(UsageError):
