@@ -389,3 +389,19 @@ def test_long_names_get_enametoolong_and_create_nothing(mounted) -> None:
         assert excinfo.value.errno == errno.ENAMETOOLONG
     (mnt / ("y" * 255)).write_bytes(b"ok")  # the longest name allowed
     assert os.listdir(mnt) == ["y" * 255]
+
+
+def test_mount_fails_fast_with_one_line_when_the_grid_is_unreachable(grid: LocalGrid, tmp_path: Path) -> None:
+    grid.run("mkfs", "--alias", "unreach", check=True)
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    everyone = list(range(10))
+    grid.stop(*everyone)
+    try:
+        proc = grid.run("mount", "unreach", str(mnt), timeout=120)
+    finally:
+        grid.start(*everyone)
+    assert proc.returncode == 1
+    lines = proc.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "cannot read directory" in lines[0], lines
+    assert f" {mnt} " not in Path("/proc/mounts").read_text()
