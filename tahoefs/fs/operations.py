@@ -46,7 +46,7 @@ from tahoefs.formats.dirformat import (
 from tahoefs.fs.inodes import ROOT_INODE, Inode, InodeTable, attributes
 from tahoefs.fs.journal import Journal, decode_entry_b64, encode_entry_b64
 from tahoefs.fs.readcache import ReadCache
-from tahoefs.fs.spool import Spool, file_source, leftovers
+from tahoefs.fs.spool import CHUNK, Spool, file_source, leftovers
 from tahoefs.grid.client import GridClient
 from tahoefs.grid.delete import delete_file
 from tahoefs.grid.directory import Directory
@@ -333,7 +333,7 @@ class TahoeFS(pyfuse3.Operations):
             self._record(parent, name, entry)  # visible and durable now, empty
             node = self.table.remember(parent, entry)
             spool = Spool(self.spool_dir)
-            spool.loaded = True
+            spool.start_from(0)  # a new, empty file: no base content
             node.spool = spool
             fh = self._new_fh(Handle(node, True))
             return pyfuse3.FileInfo(fh=fh), attributes(node)
@@ -447,6 +447,9 @@ class TahoeFS(pyfuse3.Operations):
                 if entry.kind != KIND_FILE:
                     raise pyfuse3.FUSEError(errno.EINVAL)
                 spool = await self._spool(node)
+                if attr.st_size % CHUNK:  # the chunk the new end cuts through keeps its start
+                    cut = attr.st_size - attr.st_size % CHUNK
+                    await self._fill(spool, cut, attr.st_size)
                 spool.truncate(attr.st_size)
                 entry.size = attr.st_size
                 if not fields.update_mtime:
@@ -549,32 +552,37 @@ class TahoeFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EROFS)  # inside a directory we only hold a read cap for
         with _errno():
             if flags & os.O_TRUNC and writable:
-                spool = await self._spool(node, load=False)
+                spool = await self._spool(node)
                 spool.truncate(0)
                 node.entry.size = 0
             fh = self._new_fh(Handle(node, bool(writable)))
             # The kernel may keep cached pages only while nobody changes the file through us.
             return pyfuse3.FileInfo(fh=fh, keep_cache=node.spool is None)
 
-    async def _spool(self, node: Inode, load: bool = True) -> Spool:
-        """The node's spool, created on first need; with load=True it holds the current content."""
+    async def _spool(self, node: Inode) -> Spool:
+        """The node's spool, created on first need. It holds the committed content only where filled
+        (`_fill`): an edit fetches just the chunks it touches."""
         if node.spool is None:
-            node.spool = Spool(self.spool_dir)
-        spool = node.spool
-        assert isinstance(spool, Spool)
-        if load and not spool.loaded:
-            offset = 0
-            while offset < node.entry.size:
-                chunk = await self._read_committed(node.entry, offset, 1024 * 1024)
-                if not chunk:
-                    break
-                os.pwrite(spool.fd, chunk, offset)
-                offset += len(chunk)
-            spool.size = node.entry.size
-            spool.loaded = True
-        elif not load:
-            spool.loaded = True
-        return spool
+            spool = Spool(self.spool_dir)
+            spool.start_from(node.entry.size)
+            spool.base_entry = copy.deepcopy(node.entry)
+            node.spool = spool
+        assert isinstance(node.spool, Spool)
+        return node.spool
+
+    async def _fill(
+        self, spool: Spool, start: int, end: int, overwrite: tuple[int, int] | None = None
+    ) -> None:
+        """Fetch the base chunks in [start, end) that are not in the spool yet; chunks wholly inside
+        `overwrite` (a range about to be written) are only marked present."""
+        for chunk in spool.missing(start, end):
+            base = spool.base_entry
+            assert isinstance(base, Entry)
+            c_start, c_end = chunk * CHUNK, min((chunk + 1) * CHUNK, spool.base_size)
+            if overwrite is not None and overwrite[0] <= c_start and overwrite[1] >= c_end:
+                spool.present.add(chunk)
+                continue
+            spool.fill(chunk, await self._read_committed(base, c_start, c_end - c_start))
 
     async def _read_committed(self, entry: Entry, offset: int, size: int) -> bytes:
         if not entry.cap:
@@ -592,7 +600,9 @@ class TahoeFS(pyfuse3.Operations):
             node = self.handles[fh].node
             spool = node.spool
             if isinstance(spool, Spool) and spool.loaded:
-                return spool.pread(off, min(size, max(0, spool.size - off)))
+                size = min(size, max(0, spool.size - off))
+                await self._fill(spool, off, off + size)
+                return spool.pread(off, size)
             return await self._read_committed(node.entry, off, size)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -601,6 +611,7 @@ class TahoeFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         with _errno():
             spool = await self._spool(handle.node)
+            await self._fill(spool, off, off + len(buf), overwrite=(off, off + len(buf)))
             written = spool.pwrite(off, buf)
             node = handle.node
             node.entry.size = spool.size
@@ -617,6 +628,7 @@ class TahoeFS(pyfuse3.Operations):
         if self._orphaned(node):
             spool.dirty = False  # unlinked or replaced while open: nothing to save, nowhere to put it
             return
+        await self._fill(spool, 0, spool.size)  # the rest of the old content, a chunk at a time
         parent_dir = self._dir(self.table[node.parent])
         target = os.fsdecode(node.name)
         spool.describe(str(parent_dir.cap), node.name, encode_entry_b64(node.entry))

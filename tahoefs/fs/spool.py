@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tahoefs.grid.upload import ByteSource
 
-COPY_CHUNK = 1024 * 1024
+CHUNK = 1024 * 1024  # base content is fetched into a spool this much at a time
 
 
 class Spool:
@@ -28,7 +28,32 @@ class Spool:
         self.size = 0
         self.loaded = False  # holds the file's content (fetched, or truncated to empty)
         self.dirty = False
+        # The committed content this spool started from is fetched lazily, CHUNK bytes at a time:
+        # `present` holds the chunks of it already in the file; chunks at or past `base_size` are not
+        # from the base (new data or zeros).
+        self.base_size = 0
+        self.base_entry: object | None = None  # the directory Entry the base content comes from
+        self.present: set[int] = set()
         self.version = 0  # bumped by every change, so a flush knows whether writes came meanwhile
+
+    def start_from(self, size: int) -> None:
+        """This spool stands for a file of `size` bytes whose content is still on the grid."""
+        os.ftruncate(self.fd, size)
+        self.size = self.base_size = size
+        self.present = set()
+        self.loaded = True
+
+    def missing(self, start: int, end: int) -> list[int]:
+        """Chunks of the base content in [start, end) not in the file yet."""
+        end = min(end, self.base_size)
+        if start >= end:
+            return []
+        return [c for c in range(start // CHUNK, -(-end // CHUNK)) if c not in self.present]
+
+    def fill(self, chunk: int, data: bytes) -> None:
+        """Put base content of `chunk` in place (not a change: dirty stays as it is)."""
+        os.pwrite(self.fd, data, chunk * CHUNK)
+        self.present.add(chunk)
 
     def pread(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)
@@ -41,6 +66,8 @@ class Spool:
         return written
 
     def truncate(self, size: int) -> None:
+        """Caller first fills the chunk that `size` cuts through; base content past `size` is gone."""
+        self.base_size = min(self.base_size, size)
         os.ftruncate(self.fd, size)
         self.size = size
         self.dirty = True
