@@ -14,6 +14,7 @@ contain '/' or whitespace, so `CAP/PATH` is unambiguous. See docs/formats.md.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from tahoefs.errors import BadCapError
@@ -128,16 +129,21 @@ class DirWriteCap:
     def __str__(self) -> str:
         return f"tahoefs:dir:v1:{b32encode(self.seed)}"
 
-    @property
+    @functools.cached_property
     def verifying_key(self) -> bytes:
         from Crypto.PublicKey import ECC
 
         return ECC.construct(curve="Ed25519", seed=self.seed).public_key().export_key(format="raw")
 
-    def read_cap(self) -> DirReadCap:
+    @functools.cached_property
+    def _read_cap(self) -> DirReadCap:
         return DirReadCap(
             tagged_hash(TAG_MUTABLE_READ_KEY, self.seed), tagged_hash(TAG_MUTABLE_VK, self.verifying_key)
         )
+
+    def read_cap(self) -> DirReadCap:
+        """Derived once per cap object (an Ed25519 key derivation and two hashes), not on every call."""
+        return self._read_cap
 
     @property
     def storage_index(self) -> bytes:

@@ -76,14 +76,16 @@ class Journal:
     def record(self, dir_cap: str, name: bytes, entry: Entry | None, drop: list[str] | None = None) -> None:
         """Durably note that `name` in `dir_cap` becomes `entry` (None: removed). Raises ValueError
         for an entry that does not belong under `name` or would not decode (never journaled)."""
+        encoded = None
         if entry is not None:
             if entry.name != name:
                 raise ValueError("journal entry name mismatch")
-            entry = decode_entry_b64(encode_entry_b64(entry))  # our own copy, proven to decode
+            encoded = encode_entry_b64(entry)
+            entry = decode_entry_b64(encoded)  # our own copy, proven to decode
         line = {
             "dir": dir_cap,
             "name": base64.b64encode(name).decode(),
-            "entry": None if entry is None else encode_entry_b64(entry),
+            "entry": encoded,
             "drop": drop or [],
         }
         os.write(self.fd, (json.dumps(line) + "\n").encode())

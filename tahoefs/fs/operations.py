@@ -629,9 +629,7 @@ class TahoeFS(pyfuse3.Operations):
             spool.dirty = False  # unlinked or replaced while open: nothing to save, nowhere to put it
             return
         await self._fill(spool, 0, spool.size)  # the rest of the old content, a chunk at a time
-        parent_dir = self._dir(self.table[node.parent])
         target = os.fsdecode(node.name)
-        spool.describe(str(parent_dir.cap), node.name, encode_entry_b64(node.entry))
         snapshot, size = spool.version, spool.size
         try:
             if size <= INLINE_FILE_MAX:
@@ -660,6 +658,11 @@ class TahoeFS(pyfuse3.Operations):
             self._record(parent, node.name, entry, _content_caps(old) if old and old.cap != entry.cap else [])
         except TahoefsError as exc:
             self._error(f"saving {target} failed: {exc}")
+            if not self._orphaned(node):
+                # Kept for a retry: by a later flush here, or by the next mount if this one dies.
+                spool.describe(
+                    str(self._dir(self.table[node.parent]).cap), node.name, encode_entry_b64(node.entry)
+                )
             raise
         finally:
             self.uploads_in_flight.pop(target, None)

@@ -74,8 +74,8 @@ class Spool:
         self.version += 1
 
     def describe(self, dir_cap: str, name: bytes, entry_b64: str) -> None:
-        """Record (durably) where this content belongs, so that if the mount dies before it is saved,
-        the next mount of the tree finds it (`leftovers`) and saves it."""
+        """Record (durably, content included) where this content belongs after a save failed, so that
+        if the mount dies before a retry succeeds, the next mount of the tree finds it (`leftovers`)."""
         os.fsync(self.fd)
         tmp = self.meta_path.with_suffix(".tmp")
         with open(tmp, "w") as f:
