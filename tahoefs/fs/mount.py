@@ -37,6 +37,8 @@ from tahoefs.grid.directory import Directory
 
 UMOUNT_WAIT = 180.0
 READ_AHEAD_KB = 1024
+FUSE_DEVICE = Path("/dev/fuse")
+FUSE_CONF = Path("/etc/fuse.conf")
 
 
 def mount_id(mountpoint: Path) -> str:
@@ -61,7 +63,39 @@ def check_mountpoint(mountpoint: Path) -> Path:
         raise UsageError(f"mount point {mountpoint} is not an existing directory")
     if is_mounted(mountpoint):
         raise UsageError(f"{mountpoint} is already a mount point (tahoefs umount {mountpoint} first)")
+    if os.geteuid() != 0 and not os.access(mountpoint, os.W_OK):
+        raise UsageError(
+            f"you may not write to {mountpoint}; a user other than root can only mount on a directory it may "
+            "write to (make one of your own)"
+        )
     return mountpoint
+
+
+def user_allow_other(conf: Path = FUSE_CONF) -> bool:
+    """Whether fuse.conf lets non-root users mount with allow_other (read as fusermount3 reads it:
+    comments cut, blanks stripped). Unreadable or missing: False."""
+    try:
+        lines = conf.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in lines)
+
+
+def check_fuse_access(allow_other: bool) -> None:
+    """For a user other than root, the two machine settings a FUSE mount needs, with one clear line
+    each instead of libfuse's bare failure (root needs neither)."""
+    if os.geteuid() == 0:
+        return
+    if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
+        raise TahoefsError(
+            f"cannot open {FUSE_DEVICE}: only root may use FUSE on this machine; as root run "
+            f"'chmod 0666 {FUSE_DEVICE}' (./scripts/setup does it)"
+        )
+    if allow_other and not user_allow_other():
+        raise UsageError(
+            f"--allow-other needs a line 'user_allow_other' in {FUSE_CONF} for users other than root "
+            "(./scripts/setup adds it when run as root); or mount without --allow-other"
+        )
 
 
 @dataclass(frozen=True)
@@ -89,7 +123,9 @@ async def serve(request: MountRequest, ready: Callable[[], None]) -> None:
         now = time.time_ns()
         root_entry = Entry(b"", KIND_DIR, 0o755, os.getuid(), os.getgid(), 0, now, now)
         fs = TahoeFS(grid, root, root_entry, home / "spool", read_only)
-        options = set(pyfuse3.default_options) | {"fsname=tahoefs", "subtype=tahoefs"}
+        # default_permissions: the kernel checks modes and owners (what makes allow_other safe on a
+        # shared machine); pyfuse3's defaults hold it too, but it must not depend on them
+        options = set(pyfuse3.default_options) | {"fsname=tahoefs", "subtype=tahoefs", "default_permissions"}
         if read_only:
             options.add("ro")
         if request.allow_other:
@@ -180,6 +216,7 @@ def run_mount(request: MountRequest, foreground: bool) -> None:
     """Mount and return once the mount answers (or serve in the foreground until unmounted).
     Raises UsageError for a bad mount point, TahoefsError when the grid or the mount fails."""
     mountpoint = check_mountpoint(request.mountpoint)
+    check_fuse_access(request.allow_other)
     request = dataclasses.replace(request, mountpoint=mountpoint)
     home = request.home
     state_file, _status = state_paths(home, mountpoint)
