@@ -45,6 +45,16 @@ NODE_STALL_TIMEOUT = 20.0
 # known, before it starts with what it has.
 LOCATE_GRACE = 0.25
 
+# Hedged reads (grid/download.py). A fetch is late once it has taken longer than
+# max(HEDGE_FLOOR, HEDGE_FACTOR x the typical fetch time), the typical time being the lower median of
+# the nodes' moving averages seen by this reader. When a segment's blocks are not all in by then, one more
+# fetch per missing block starts, of another share from another node; the first k verified blocks win and
+# the others are cancelled. A segment thus has at most 2k blocks in flight (2 x 1/3 MiB at 3-of-10). A
+# primary share (free to decode) is preferred only while its node's average is under the same bound.
+# The floor keeps a grid of fast nodes from hedging on every hiccup of a busy machine.
+HEDGE_FLOOR = 0.3
+HEDGE_FACTOR = 3.0
+
 # Node: refuse new shares when free space would fall below this many bytes.
 NODE_MIN_FREE_BYTES = 64 * MiB
 
@@ -54,3 +64,11 @@ NODE_MAX_SHARE_BYTES = 1 << 40
 # Node: the largest mutable slot (the share bytes of one PUT /v1/mutable/SI/N) accepted. Slot bodies
 # are held whole by the client, so this bounds client memory per slot read or write too.
 NODE_MAX_SLOT_BYTES = 4 * MiB
+
+# Check --verify reads a share in requests of whole blocks up to this many bytes; at most
+# VERIFY_PARALLEL_SHARES shares are being verified at once, so verify holds ≈ 8 MiB of share data.
+VERIFY_RANGE_BYTES = 2 * MiB
+VERIFY_PARALLEL_SHARES = 4
+
+# Deep check: objects (files, directories' entry lists) checked or repaired at the same time.
+CHECK_PARALLEL_OBJECTS = 8

@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("cap", parents=[common], help="print the read cap of a path inside a mount")
     p.add_argument("path", type=Path)
+    p = sub.add_parser(
+        "check", parents=[common], help="health of a file or tree: shares found, nodes, recoverable"
+    )
+    p.add_argument("target", metavar="TARGET", help="a cap, ALIAS:PATH, or a path inside a mount")
+    p.add_argument("--verify", action="store_true", help="download and check every block of every share")
+    p.add_argument("--repair", action="store_true", help="rebuild missing or corrupt shares")
+    p.add_argument("--deep", action="store_true", help="walk the whole tree below a directory")
+    p.add_argument("--json", action="store_true", help="JSON Lines: one object per line")
     p = sub.add_parser("mkdir", parents=[common], help="create a directory on the grid")
     p.add_argument("target", metavar="TARGET")
     return parser
@@ -313,6 +321,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from tahoefs.cli.health import check
+    from tahoefs.grid.checker import Options
+
+    options = Options(verify=args.verify, repair=args.repair)
+    config = home.load_grid_config(args.grid)
+    healthy = trio.run(check, config, home.client_secret(), args.target, options, args.deep, args.json)
+    return EXIT_OK if healthy else EXIT_FAILED
+
+
 def _cmd_cap(args: argparse.Namespace) -> int:
     from tahoefs.fs.mount import read_cap_of
 
@@ -325,6 +343,7 @@ COMMANDS = {
     "umount": _cmd_umount,
     "status": _cmd_status,
     "cap": _cmd_cap,
+    "check": _cmd_check,
     "node": _cmd_node,
     "grid": _cmd_grid,
     "put": _cmd_put,

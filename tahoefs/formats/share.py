@@ -19,7 +19,7 @@ docs/formats.md.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tahoefs.errors import IntegrityError
 from tahoefs.formats.hashing import (
@@ -243,6 +243,7 @@ class VerifiedTrailer:
     layout: ShareLayout
     chunk_roots: list[bytes]
     leaves: dict[int, bytes]  # chunk index -> verified leaves of that chunk
+    share_roots: list[bytes] = field(default_factory=list)  # root of every share (what repair rebuilds to)
 
 
 def parse_trailer(
@@ -284,7 +285,7 @@ def parse_trailer(
     if share_root(chunk_blob) != roots[share_num]:
         raise IntegrityError(node, "chunk roots do not match the share root")
     chunk_roots = [chunk_blob[i : i + HASH_SIZE] for i in range(0, len(chunk_blob), HASH_SIZE)]
-    trailer = VerifiedTrailer(share_num, ueb, layout, chunk_roots, {})
+    trailer = VerifiedTrailer(share_num, ueb, layout, chunk_roots, {}, roots)
     for chunk in range(layout.num_chunks):
         offset, length = layout.chunk_range(chunk)
         if offset >= suffix_start:

@@ -98,6 +98,11 @@ class Directory:
         self._cached = (version, buckets, now)
         return version, buckets
 
+    async def load(self) -> tuple[Version, list[BucketRef]]:
+        """Read the current version afresh (with the nodes that hold it) and its bucket index; later
+        reads within FRESH_SECONDS use it. Raises NotEnoughSharesError or IntegrityError."""
+        return await self._load(fresh=True)
+
     async def _bucket(self, ref: BucketRef) -> list[Entry]:
         if ref.inline is not None:
             data = ref.inline

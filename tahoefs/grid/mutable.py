@@ -49,6 +49,8 @@ class Version:
     root: bytes = b""
     # node id -> {share number: seqnum the node claims}
     claims: dict[str, dict[int, int]] = field(default_factory=dict)
+    # node id -> share numbers of exactly this version that passed verification (from retrieve only)
+    placement: dict[str, set[int]] = field(default_factory=dict)
 
 
 class MutableObject:
@@ -108,7 +110,7 @@ class MutableObject:
         claims, nodes = await self._claims()
         claimed = sorted({seq for held in claims.values() for seq in held.values()}, reverse=True)
         groups: dict[tuple[int, bytes], dict[int, MutableShare]] = defaultdict(dict)
-        holders: dict[tuple[int, bytes], set[str]] = defaultdict(set)
+        holders: dict[tuple[int, bytes], dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
         for seq in claimed:
             # Every share claiming this seqnum, not just k: two writers that raced may have left two
             # different versions with one seqnum, and the one on more nodes must win (see publish).
@@ -120,7 +122,7 @@ class MutableObject:
                         share = await self._fetch(nodes[nid], num)
                         if share is not None:
                             groups[share.version_id][share.num] = share
-                            holders[share.version_id].add(nid)
+                            holders[share.version_id][nid].add(num)
 
                     nursery.start_soon(one)
             best = self._best(groups, holders)
@@ -148,10 +150,11 @@ class MutableObject:
             if nid not in holders[vid] and held and max(held.values()) < vid[0]:
                 self._problem(nodes[nid], f"serves an older version (seqnum {max(held.values())} < {vid[0]})")
         shares = list(groups[vid].values())
+        placement = {nid: set(nums) for nid, nums in holders[vid].items()}
         if self.read_cap is None:
-            return Version(vid[0], b"", vid[1], claims)
+            return Version(vid[0], b"", vid[1], claims, placement)
         plaintext = await trio.to_thread.run_sync(decode_version, self.read_cap.read_key, shares)
-        return Version(vid[0], plaintext, vid[1], claims)
+        return Version(vid[0], plaintext, vid[1], claims, placement)
 
     async def publish(self, plaintext: bytes, based_on: Version | None) -> Version:
         """Write a new version after `based_on` (None: the object is new). Returns the version now on

@@ -1,0 +1,155 @@
+"""`tahoefs check`: resolve the TARGET, run the checker, print what it found.
+
+Output: one line per object (with --deep only the objects that are not healthy, or were repaired), then
+for a directory a summary. `--json` prints JSON Lines instead: one object per line, and with --deep a
+last line {"summary": {...}}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from tahoefs.cli.tree import Target, entry_cap, open_dir, parse_target
+from tahoefs.errors import NoSuchEntryError, UsageError
+from tahoefs.formats.caps import (
+    DirReadCap,
+    DirVerifyCap,
+    DirWriteCap,
+    FileCap,
+    LiteralCap,
+    VerifyCap,
+    parse_cap,
+)
+from tahoefs.formats.dirformat import KIND_DIR, KIND_SYMLINK
+from tahoefs.grid.checker import Checked, Checker, Options
+from tahoefs.grid.client import GridClient
+from tahoefs.grid.config import GridConfig
+from tahoefs.grid.directory import Directory
+
+
+class _Printer:
+    """Prints results as they come; on a terminal, a progress line on stderr for deep checks."""
+
+    def __init__(self, as_json: bool, deep: bool) -> None:
+        self.as_json = as_json
+        self.deep = deep
+        self.progress = deep and sys.stderr.isatty()
+        self.seen = 0
+        self._drawn = 0.0
+
+    def __call__(self, checked: Checked) -> None:
+        self.seen += 1
+        quiet = self.deep and checked.health.healthy and checked.after is None and not checked.health.corrupt
+        if self.as_json:
+            print(json.dumps(checked.as_json()), flush=True)
+        elif not quiet:
+            self._clear()
+            for line in describe(checked):
+                print(line, flush=True)
+        if self.progress and time.monotonic() - self._drawn > 0.1:
+            self._drawn = time.monotonic()
+            sys.stderr.write(f"\rchecked {self.seen} objects")
+            sys.stderr.flush()
+
+    def _clear(self) -> None:
+        if self.progress:
+            sys.stderr.write("\r\033[K")
+
+    def finish(self) -> None:
+        self._clear()
+
+
+def describe(checked: Checked) -> list[str]:
+    """Human lines for one result."""
+    health = checked.health
+    lines = [f"{checked.path}: {health.describe()}"]
+    lines += [f"  corrupt: share {c.num} on {c.node.name}: {c.reason}" for c in health.corrupt]
+    lines += [f"  {p}" for p in health.problems[:3]]
+    if checked.repair is not None:
+        lines.append(f"  repair: {checked.repair}")
+    if checked.error is not None:
+        lines.append(f"  repair failed: {checked.error}")
+    if checked.after is not None:
+        lines.append(f"  now {checked.after.describe()}")
+    return lines
+
+
+def summary_line(counts: dict[str, int]) -> str:
+    total = counts["healthy"] + counts["not healthy"] + counts["lost"]
+    kinds = f"{counts['directory']} directories, {counts['file']} files, {counts['bucket']} entry lists"
+    line = f"checked {total} objects ({kinds}; {counts['inline']} small files kept inline): "
+    line += f"{counts['healthy']} healthy, {counts['not healthy']} not healthy, {counts['lost']} lost"
+    if counts["repaired"] or counts["repair failed"]:
+        line += f"; repaired {counts['repaired']}, repair failed {counts['repair failed']}"
+    if counts["unreadable"]:
+        line += f"; {counts['unreadable']} could not be read"
+    return line
+
+
+def _mount_target(text: str) -> Target | None:
+    """A TARGET that is a path inside a mount: its cap comes from the mount (the virtual xattr)."""
+    if text.startswith("tahoefs:") or not os.path.lexists(text):
+        return None
+    from tahoefs.fs.mount import read_cap_of
+
+    return Target(parse_cap(read_cap_of(Path(text))), [], text)
+
+
+async def check(
+    config: GridConfig, secret: bytes, text: str, options: Options, deep: bool, as_json: bool
+) -> bool:
+    """Check TARGET; True when everything checked is healthy (after repair, with --repair)."""
+    target = _mount_target(text) or parse_target(text)
+    if isinstance(target.cap, LiteralCap) and not target.path:
+        print(f"{text}: healthy: a literal cap holds its bytes itself; no node is involved")
+        return True
+    printer = _Printer(as_json, deep)
+    async with GridClient(config, secret) as grid:
+        checker = Checker(grid, options, printer)
+        try:
+            await _run(grid, checker, target, deep)
+        finally:
+            printer.finish()
+    counts = checker.counts
+    if deep or counts["directory"]:
+        if as_json:
+            print(json.dumps({"summary": dict(counts)}))
+        else:
+            print(summary_line(counts))
+    return checker.all_healthy and not counts["unreadable"]
+
+
+async def _run(grid: GridClient, checker: Checker, target: Target, deep: bool) -> None:
+    cap = target.cap
+    path = target.text
+    if target.path:
+        parent = await open_dir(grid, target, target.path[:-1])
+        entry = await parent.lookup(target.path[-1])
+        if entry is None:
+            raise NoSuchEntryError(f"no such file or directory: {target.text}")
+        if entry.kind == KIND_SYMLINK:
+            raise UsageError(f"{target.text} is a symlink; check what it points to")
+        cap = parent.child(entry).cap if entry.kind == KIND_DIR else parse_cap(entry_cap(entry))
+    if isinstance(cap, LiteralCap):
+        print(f"{path}: healthy: small enough to live inside its directory entry or cap")
+        return
+    if isinstance(cap, FileCap | VerifyCap):
+        await checker.file(cap.verify_cap() if isinstance(cap, FileCap) else cap, path)
+    elif isinstance(cap, DirVerifyCap):
+        if deep:
+            raise UsageError("--deep needs a directory read or write cap; a verify cap cannot list entries")
+        await checker.directory_verify_cap(cap, path)
+    elif isinstance(cap, DirWriteCap | DirReadCap):
+        directory = Directory(grid, cap)
+        if deep:
+            await checker.walk(directory, path)
+        else:
+            _checked, buckets = await checker.directory(directory, path)
+            if buckets:
+                await checker.buckets(buckets, path)
+    else:
+        raise UsageError(f"{path}: cannot check this kind of cap")
