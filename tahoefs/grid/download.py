@@ -1,15 +1,18 @@
 """Download: find shares, fetch k verified blocks per segment, decode, decrypt.
 
 A `FileReader` serves any byte range of one immutable file. For each segment it picks k distinct shares
-(primary shares 0..k-1 first, because decoding them is free; then the fastest nodes), fetches each
-share's trailer once (one suffix request, verified against the cap's UEB hash), then one ranged request
-per block, and checks every block against its leaf hash before decoding. A node that errors, stalls past
-the grid's stall timeout or sends bytes that fail verification is dropped for the rest of this reader,
-named in `problems`, and another share takes its place.
+(primary shares 0..k-1 first, because decoding them is free, unless their node is slow; then the fastest
+nodes), fetches each share's trailer once (one suffix request, verified against the cap's UEB hash), then
+one ranged request per block, and checks every block against its leaf hash before decoding. Fetches that
+are late are hedged with other shares from other nodes, and the first k verified blocks win
+(`verified_blocks`). A node that errors, stalls past the grid's stall timeout or sends bytes that fail
+verification is dropped for the rest of this reader, named in `problems`, and another share takes its
+place; a node that loses a hedge race is named too, and avoided from then on.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,6 +27,8 @@ from tahoefs.formats.share import VerifiedTrailer, parse_trailer, verify_leaves
 from tahoefs.grid.client import GridClient
 from tahoefs.limits import (
     DOWNLOAD_WINDOW_SEGMENTS,
+    HEDGE_FACTOR,
+    HEDGE_FLOOR,
     LOCATE_GRACE,
     MAX_TRAILER_BYTES,
     TRAILER_PROBE_BYTES,
@@ -157,7 +162,9 @@ class FileReader:
         return leaves[index * HASH_SIZE : (index + 1) * HASH_SIZE]
 
     async def _fetch_block(self, source: ShareSource, segment: int) -> bytes:
-        """One verified block, or NodeError/IntegrityError (IntegrityError names the node)."""
+        """One verified block, or NodeError/IntegrityError (IntegrityError names the node). Bounded by
+        the grid's stall timeout. Its time, the trailer fetch included on first use, feeds the node's
+        moving average."""
         started = trio.current_time()
         try:
             with trio.fail_after(self.grid.stall_timeout):
@@ -176,46 +183,125 @@ class FileReader:
             raise IntegrityError(source.node.name, exc.reason) from None
         if await trio.to_thread.run_sync(block_hash, block) != leaf:
             raise IntegrityError(source.node.name, f"block {segment} of share {source.num} is corrupt")
-        elapsed = trio.current_time() - started
-        source.seconds_per_fetch = (
-            elapsed if not source.seconds_per_fetch else 0.7 * source.seconds_per_fetch + 0.3 * elapsed
-        )
+        self._record_fetch(source.node, trio.current_time() - started)
         return block
 
-    def _choose(self, count: int, skip_nums: set[int], tried: set[int]) -> list[ShareSource]:
-        """Up to `count` sources with distinct share numbers not in `skip_nums`: primaries first,
-        then the fastest. `tried` holds ids of sources already used for this segment."""
+    # -- node speed ----------------------------------------------------------------------------
+    # Each node has one moving average of its fetch times, kept on all its sources (0.0 = not yet known).
+    def _record_fetch(self, node: NodeClient, seconds: float) -> None:
+        for src in self.sources or ():
+            if src.node is node:
+                old = src.seconds_per_fetch
+                src.seconds_per_fetch = seconds if not old else 0.7 * old + 0.3 * seconds
+
+    def _record_late(self, node: NodeClient, seconds: float) -> None:
+        """`node` lost a hedge race after `seconds` without a block: its fetches take at least that long.
+        Raises its average to `seconds` (so `_choose` routes around it) and names it once."""
+        for src in self.sources or ():
+            if src.node is node:
+                src.seconds_per_fetch = max(src.seconds_per_fetch, seconds)
+        tag = f"node {node.name}: slow or stalled"
+        if node.node_id not in self.bad_nodes and not any(p.startswith(tag) for p in self.problems):
+            self.problems.append(f"{tag} (other nodes answered first); reading around it")
+
+    def _late_after(self) -> float:
+        """Seconds after which a fetch is late: max(HEDGE_FLOOR, HEDGE_FACTOR x the typical fetch time),
+        typical being the lower median of the good nodes' averages (HEDGE_FLOOR before any is known).
+        The median, not the best, so that one unusually near node does not make every other one late."""
+        known = {
+            s.node.node_id: s.seconds_per_fetch
+            for s in self.sources or ()
+            if s.seconds_per_fetch and s.node.node_id not in self.bad_nodes
+        }
+        if not known:
+            return HEDGE_FLOOR
+        times = sorted(known.values())
+        return max(HEDGE_FLOOR, HEDGE_FACTOR * times[(len(times) - 1) // 2])
+
+    def _choose(
+        self, count: int, skip_nums: set[int], tried: set[int], busy_nodes: frozenset[str] = frozenset()
+    ) -> list[ShareSource]:
+        """Up to `count` sources with distinct share numbers not in `skip_nums`, best first: sources on
+        `busy_nodes` (node ids already late for this segment) last; before the rest, primaries whose node
+        is not slow (average under `_late_after()`: decoding primaries is free, but not worth a wait);
+        then by moving average, untried nodes (0.0) first. `tried` holds ids of sources already used
+        for this segment. Bad nodes are never chosen."""
         assert self.sources is not None
+        limit = self._late_after()
+
+        def rank(src: ShareSource) -> tuple[bool, bool, float, int]:
+            cheap = src.num < self.k and src.seconds_per_fetch < limit
+            return (src.node.node_id in busy_nodes, not cheap, src.seconds_per_fetch, src.num)
+
         best: dict[int, ShareSource] = {}
         for src in self.sources:
             if src.num in skip_nums or id(src) in tried or src.node.node_id in self.bad_nodes:
                 continue
             cur = best.get(src.num)
-            if cur is None or src.seconds_per_fetch < cur.seconds_per_fetch:
+            if cur is None or rank(src) < rank(cur):
                 best[src.num] = src
-        ranked = sorted(best.values(), key=lambda s: (s.num >= self.k, s.seconds_per_fetch, s.num))
-        return ranked[:count]
+        return sorted(best.values(), key=rank)[:count]
 
     async def verified_blocks(self, segment: int) -> dict[int, bytes]:
-        """k verified blocks of `segment` keyed by share number."""
+        """k verified blocks of `segment` keyed by (distinct) share number.
+
+        Starts one fetch per block from the k best sources (`_choose`). If the blocks are not all in
+        after `_late_after()` seconds (max(HEDGE_FLOOR, HEDGE_FACTOR x the typical fetch time), fixed
+        when the segment starts), it hedges once: one more fetch per missing block, of other shares,
+        from nodes not already fetching for this segment where possible. The first k verified blocks
+        win and the other fetches are cancelled; a fetch cancelled after running past that delay counts
+        against its node (`_record_late`), so later segments route around it. A fetch that fails marks
+        its node bad and another share replaces it at once. Each fetch is still bounded by the grid's
+        stall timeout. At most 2k blocks are in flight (k, plus one hedge per missing block).
+        Raises NotEnoughSharesError when fewer than k good shares remain."""
         sources = await self.locate()
         got: dict[int, bytes] = {}
+        running: dict[int, tuple[ShareSource, float]] = {}  # share num -> (source, start time)
         tried: set[int] = set()
-        while len(got) < self.k:
-            chosen = self._choose(self.k - len(got), set(got), tried)
-            if len(chosen) < self.k - len(got):
-                raise self._not_enough(segment, len(got) + len(chosen), sources)
-            tried.update(id(s) for s in chosen)
-            async with trio.open_nursery() as nursery:  # the tasks catch their own errors
-                for src in chosen:
+        late_after = self._late_after()
+        hedge_at = trio.current_time() + late_after
+        hedged = False
+        failed: NotEnoughSharesError | None = None
+        # Each fetch sends one result and is in `running` until it is received: at most 2k queued.
+        send, receive = trio.open_memory_channel[tuple[ShareSource, bytes | None]](2 * self.k)
 
-                    async def one(src: ShareSource = src) -> None:
-                        try:
-                            got[src.num] = await self._fetch_block(src, segment)
-                        except NodeError as exc:
-                            self._mark_bad(src.node, exc.reason)
+        async def fetch(src: ShareSource) -> None:
+            try:
+                block: bytes | None = await self._fetch_block(src, segment)
+            except NodeError as exc:
+                self._mark_bad(src.node, exc.reason)
+                block = None
+            await send.send((src, block))
 
-                    nursery.start_soon(one)
+        async with trio.open_nursery() as nursery:
+            while len(got) < self.k:
+                missing = self.k - len(got)
+                wanted = 2 * missing if hedged else missing
+                if len(running) < wanted:
+                    busy = frozenset(src.node.node_id for src, _ in running.values() if hedged)
+                    for src in self._choose(wanted - len(running), set(got) | set(running), tried, busy):
+                        tried.add(id(src))
+                        running[src.num] = (src, trio.current_time())
+                        nursery.start_soon(fetch, src)
+                if len(got) + len(running) < self.k:
+                    failed = self._not_enough(segment, len(got) + len(running), sources)
+                    break
+                with trio.move_on_at(math.inf if hedged else hedge_at) as timer:
+                    src, block = await receive.receive()
+                if timer.cancelled_caught:
+                    hedged = True  # blocks are late: hedge, once
+                    continue
+                del running[src.num]
+                if block is not None:
+                    got[src.num] = block
+            if failed is None:
+                now = trio.current_time()
+                for src, started in running.values():  # the losers, cancelled below
+                    if now - started >= late_after:
+                        self._record_late(src.node, now - started)
+            nursery.cancel_scope.cancel()
+        if failed is not None:
+            raise failed
         return got
 
     def _not_enough(self, segment: int, usable: int, sources: list[ShareSource]) -> NotEnoughSharesError:
