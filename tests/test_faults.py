@@ -39,6 +39,11 @@ def test_node_killed_during_upload_put_still_succeeds_and_leaves_no_partial_shar
     assert victim not in grid.share_files(si)
     assert list((grid.node_dir(victim) / "incoming").iterdir()) == []
     assert grid.get_bytes(str(cap)) == first + rest
+    # check --verify tells the truth about the damage, and repair undoes it.
+    proc = grid.run("check", "--verify", str(cap))
+    assert proc.returncode == 1 and b"not healthy: 9 of 10 shares on 9 nodes" in proc.stdout
+    assert grid.run("check", "--repair", str(cap)).returncode == 0
+    assert grid.run("check", "--verify", str(cap)).returncode == 0
 
 
 def test_node_killed_during_download_get_still_returns_exact_bytes(grid: LocalGrid) -> None:
@@ -56,8 +61,11 @@ def test_node_killed_during_download_get_still_returns_exact_bytes(grid: LocalGr
     try:
         assert proc.returncode == 0, err
         assert head + tail == data
+        check = grid.run("check", str(cap))
+        assert check.returncode == 1 and grid.config().nodes[victim].url.encode() in check.stdout
     finally:
         grid.start(victim)
+    assert grid.run("check", "--verify", str(cap)).returncode == 0  # nothing was lost
 
 
 def test_restart_of_every_node_between_write_and_read(grid: LocalGrid) -> None:
@@ -66,6 +74,7 @@ def test_restart_of_every_node_between_write_and_read(grid: LocalGrid) -> None:
     grid.down()
     grid.up()
     assert grid.get_bytes(cap) == data
+    assert grid.run("check", "--verify", cap).returncode == 0
 
 
 def _set_stall_timeout(grid: LocalGrid, seconds: float) -> None:
@@ -101,8 +110,40 @@ def test_a_stalled_node_costs_at_most_its_deadline_on_read_and_write(grid: Local
         assert head + tail == data
         assert grid.config().nodes[frozen].url in err.decode() and b"stalled" in err
         assert time.monotonic() - started < 40  # bounded by the deadline, not forever
+        # check names the frozen node and says the file is not healthy, within the deadline too.
+        proc = grid.run("check", str(cap), timeout=60)
+        assert proc.returncode == 1
+        assert b"not healthy: 9 of 10" in proc.stdout and b"did not answer in time" in proc.stdout
         # A write with a frozen node: the node is dropped as stalled, the other nine hold shares.
         proc = grid.run("put", "-", input=os.urandom(SEGMENT_SIZE * 8), timeout=60)
         assert proc.returncode == 0, proc.stderr
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_a_node_whose_disk_is_full_costs_a_share_not_the_upload(grid: LocalGrid, tmp_path) -> None:
+    """Node 3's data folder is moved onto a 16 MiB tmpfs: below its free-space reserve it answers 507."""
+    import shutil
+
+    victim = 3
+    folder = grid.node_dir(victim)
+    aside = tmp_path / "aside"
+    grid.stop(victim)
+    # Only the node's identity goes onto the tmpfs; its old shares stay underneath, back after umount.
+    shutil.copytree(folder, aside, ignore=shutil.ignore_patterns("shares", "mutable", "incoming"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)], check=True)
+    try:
+        shutil.copytree(aside, folder, dirs_exist_ok=True)
+        grid.start(victim)
+        data = os.urandom(3 * SEGMENT_SIZE)
+        proc = grid.run("put", "-", input=data)
+        assert proc.returncode == 0, proc.stderr
+        cap = proc.stdout.decode().strip()
+        assert victim not in grid.share_files(b32encode(parse_cap(cap).storage_index))  # type: ignore[union-attr]
+        assert grid.get_bytes(cap) == data
+        check = grid.run("check", "--verify", cap)
+        assert check.returncode == 1 and b"not healthy: 9 of 10 shares on 9 nodes" in check.stdout
+    finally:
+        grid.stop(victim)
+        subprocess.run(["umount", str(folder)], check=False)
+        grid.start(victim)

@@ -315,6 +315,8 @@ def test_sigkill_of_the_daemon_mid_copy_loses_no_closed_file(mounted, tmp_path: 
         assert (mnt / f"f{i}").read_bytes() == bytes([i % 256]) * (i * 9973 % 300000), i
     for name in os.listdir(mnt):  # nothing refers to missing data
         (mnt / name).read_bytes()
+    check = grid.run("check", "--deep", "--verify", root)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
 
 
 def test_a_file_unlinked_while_open_does_not_come_back_at_close(mounted) -> None:
