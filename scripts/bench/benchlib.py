@@ -77,15 +77,16 @@ class BenchGrid:
                 pass
         return total
 
-    def measure(self, args: list[str], stdout_path: str = "-") -> Run:
-        """Run `tahoefs ARGS` (or any command when args[0] starts with '/'), measured."""
+    def measure(self, args: list[str], stdout_path: str = "-", ok_codes: tuple[int, ...] = (0,)) -> Run:
+        """Run `tahoefs ARGS` (or any command when args[0] starts with '/'), measured; an exit code
+        outside `ok_codes` ends the benchmark."""
         cmd = args if args[0].startswith("/") else [*TAHOEFS, *args]
         before = self.node_cpu()
         out = subprocess.run(
             [sys.executable, "-c", _MEASURE, stdout_path, *cmd], env=self.env, capture_output=True, check=True
         )
         stats = json.loads(out.stdout.decode().strip().splitlines()[-1])
-        if stats["rc"] != 0:
+        if stats["rc"] not in ok_codes:
             raise SystemExit(f"command failed ({stats['rc']}): {' '.join(cmd)}\n{out.stderr.decode()}")
         return Run(stats["wall"], stats["rss_kb"] / 1024, stats["cpu"], self.node_cpu() - before)
 
