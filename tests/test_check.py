@@ -231,3 +231,9 @@ def test_check_of_a_path_inside_a_mount(mounted: tuple[LocalGrid, Path, str]) ->
     assert "healthy: 10 of 10 shares" in out
     code, out, err = check(grid, "--deep", str(mnt))
     assert code == 0, out + err
+    # The mount's own root cap is used, so its directories can be repaired by path too.
+    wipe_disks(grid, 4)
+    code, out, err = check(grid, "--deep", "--repair", str(mnt / "sub"))
+    assert code == 0, out + err
+    assert "published again" in out
+    assert check(grid, "--deep", str(mnt / "sub"))[0] == 0

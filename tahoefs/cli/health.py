@@ -91,11 +91,17 @@ def summary_line(counts: dict[str, int]) -> str:
 
 
 def _mount_target(text: str) -> Target | None:
-    """A TARGET that is a path inside a mount: its cap comes from the mount (the virtual xattr)."""
+    """A TARGET that is a path inside a mount. A mount of this TAHOEFS_HOME gives its root cap and the
+    path below it (so directories come with the write caps the mount has); any other tahoefs mount
+    gives the path's read cap through its virtual xattr."""
     if text.startswith("tahoefs:") or not os.path.lexists(text):
         return None
-    from tahoefs.fs.mount import read_cap_of
+    from tahoefs.cli.home import home_dir
+    from tahoefs.fs.mount import mount_of, read_cap_of
 
+    found = mount_of(home_dir(), Path(text))
+    if found is not None:
+        return Target(parse_cap(found[0]), found[1], text)
     return Target(parse_cap(read_cap_of(Path(text))), [], text)
 
 
@@ -111,7 +117,16 @@ async def check(
     async with GridClient(config, secret) as grid:
         checker = Checker(grid, options, printer)
         try:
-            await _run(grid, checker, target, deep)
+            try:
+                await _run(grid, checker, target, deep)
+            except NoSuchEntryError:
+                if not os.path.lexists(text):
+                    raise
+                # A name the mount has not yet pushed to the grid (its journal flushes within seconds):
+                # the mount still knows the object's read cap.
+                from tahoefs.fs.mount import read_cap_of
+
+                await _run(grid, checker, Target(parse_cap(read_cap_of(Path(text))), [], text), deep)
         finally:
             printer.finish()
     counts = checker.counts

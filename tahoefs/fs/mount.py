@@ -225,7 +225,7 @@ def run_mount(request: MountRequest, foreground: bool) -> None:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     if foreground:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        _record(state_file, os.getpid(), mountpoint, log_file)
+        _record(state_file, os.getpid(), request, log_file)
         try:
             trio.run(serve, request, lambda: None)
         finally:
@@ -249,8 +249,14 @@ def run_mount(request: MountRequest, foreground: bool) -> None:
         raise TahoefsError(message or f"the mount daemon died; see {log_file}")
 
 
-def _record(state_file: Path, pid: int, mountpoint: Path, log_file: Path) -> None:
-    state_file.write_text(json.dumps({"pid": pid, "mountpoint": str(mountpoint), "log": str(log_file)}))
+def _record(state_file: Path, pid: int, request: MountRequest, log_file: Path) -> None:
+    """The mount's state file: private (0600), since it names the root cap the mount serves (so that
+    `tahoefs check` of a path inside the mount can walk from it with the caps the mount itself has)."""
+    state = {"pid": pid, "mountpoint": str(request.mountpoint), "log": str(log_file), "cap": str(request.cap)}
+    fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when an old state file of this mount point is reused
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(state))
 
 
 def _daemon(write_fd: int, request: MountRequest, state_file: Path, log_file: Path) -> None:
@@ -262,7 +268,7 @@ def _daemon(write_fd: int, request: MountRequest, state_file: Path, log_file: Pa
     os.dup2(log_fd, 2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would flood the log
-    _record(state_file, os.getpid(), request.mountpoint, log_file)
+    _record(state_file, os.getpid(), request, log_file)
     told = False
 
     def ready() -> None:
@@ -348,6 +354,17 @@ def read_cap_of(path: Path) -> str:
         if exc.errno in (errno.ENODATA, errno.ENOTSUP):
             raise UsageError(f"{path} is not inside a tahoefs mount") from None
         raise UsageError(f"cannot read the cap of {path}: {exc.strerror}") from None
+
+
+def mount_of(home: Path, path: Path) -> tuple[str, list[bytes]] | None:
+    """For a path inside a mount this home serves: (the mount's root cap, the path's components below
+    the mount point). None when no mount of this home holds the path."""
+    target = Path(os.path.abspath(path.expanduser()))
+    for row in mount_status(home):
+        mountpoint = Path(str(row["mountpoint"]))
+        if row["alive"] and "cap" in row and (target == mountpoint or mountpoint in target.parents):
+            return str(row["cap"]), [os.fsencode(p) for p in target.relative_to(mountpoint).parts]
+    return None
 
 
 def mount_status(home: Path) -> list[dict[str, object]]:
