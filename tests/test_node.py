@@ -203,3 +203,20 @@ def test_restart_wipes_abandoned_temp_files(tmp_path: Path) -> None:
         assert list((tmp_path / "n" / "incoming").iterdir()) == []
     finally:
         stop_node(n)
+
+
+def test_a_share_file_cut_inside_its_node_header_answers_500_not_a_negative_length(node: Node) -> None:
+    """Disk damage that leaves a share file shorter than the node's 64-byte header: the node used to
+    answer with a negative Content-Length; now it is a clean 500 like a damaged slot header."""
+    with node.client() as c:
+        assert put(c, a_share(0)).status_code == 201
+        path = node.dir / "shares" / SI[:2] / SI / "0"
+        for cut in (0, 30, 63):
+            os.truncate(path, cut)
+            for headers in ({}, {"range": "bytes=-65536"}, {"range": "bytes=0-9"}):
+                r = c.get(f"/v1/immutable/{SI}/0", headers=headers)
+                assert r.status_code == 500, (cut, headers)
+                assert r.json() == {"error": "stored share has a damaged node header"}
+        os.truncate(path, 64)  # exactly the header: an empty share, which is not damage at the node
+        r = c.get(f"/v1/immutable/{SI}/0")
+        assert r.status_code == 200 and r.content == b""

@@ -177,6 +177,9 @@ class ShareStore:
         except FileNotFoundError:
             raise StoreError(404, "no such share") from None
         length = os.fstat(fd).st_size - NODE_HEADER_SIZE
+        if length < 0:  # cut inside the node header (disk damage): never answer a negative length
+            os.close(fd)
+            raise StoreError(500, "stored share has a damaged node header")
         return fd, length
 
     @contextlib.contextmanager
