@@ -220,3 +220,139 @@ def test_a_share_file_cut_inside_its_node_header_answers_500_not_a_negative_leng
         os.truncate(path, 64)  # exactly the header: an empty share, which is not damage at the node
         r = c.get(f"/v1/immutable/{SI}/0")
         assert r.status_code == 200 and r.content == b""
+
+
+# --- request heads: bounded in size and in time -----------------------------------------------------------
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _flood(node: Node, start: bytes, filler: bytes, total: int) -> int:
+    """Send `start` and then `filler` repeatedly, up to `total` bytes, without ever ending the head.
+    Returns how many bytes went out before the node closed the connection (`total` if it never did)."""
+    host, port = node.url.removeprefix("http://").split(":")
+    sent = 0
+    with socket.create_connection((host, int(port))) as s:
+        s.settimeout(10)
+        try:
+            s.sendall(start)
+            sent = len(start)
+            while sent < total:
+                s.sendall(filler)
+                sent += len(filler)
+        except (ConnectionResetError, BrokenPipeError):
+            return sent
+        # Everything went out (the kernel buffers a little): did the node answer and close?
+        try:
+            s.sendall(b"x" * 65536)
+            answer = s.recv(4096)
+        except (ConnectionResetError, BrokenPipeError):
+            return sent
+        if answer.startswith(b"HTTP/1.1 431") or answer == b"":
+            return sent
+    return total
+
+
+@pytest.mark.parametrize(
+    ("start", "filler"),
+    [
+        (b"GET /v1/version HTTP/1.1\r\nHost: x\r\n", b"X-Header-Line: " + b"h" * 48 + b"\r\n"),  # many lines
+        (b"GET /v1/version HTTP/1.1\r\nHost: x\r\nX-Big: ", b"v" * 65536),  # one endless header value
+        (b"GET /v1/version?q=", b"u" * 65536),  # an endless URL
+    ],
+    ids=["header-lines", "header-value", "url"],
+)
+def test_an_endless_request_head_is_cut_off_and_costs_the_node_no_memory(
+    node: Node, start: bytes, filler: bytes
+) -> None:
+    """Without the bound, the node kept every byte of a request head until its blank line: 200 MiB of
+    header lines from a client without the token grew it to 710 MB."""
+    total = 64 * 1024 * 1024
+    before = _rss_bytes(node.proc.pid)
+    sent = _flood(node, start, filler * max(1, 65536 // len(filler)), total)
+    assert sent < total, "the node took 64 MiB of request head without closing the connection"
+    assert _rss_bytes(node.proc.pid) - before < 16 * 1024 * 1024
+    with node.client() as c:
+        assert c.get("/v1/version").status_code == 200
+
+
+def _raw_status(node: Node, head: bytes) -> int | None:
+    """Send a whole request head at once; the answer's status, or None if the node reset the
+    connection first (it closes after a 431 without reading the rest, and unread bytes make the kernel
+    send a reset, which can overtake the answer)."""
+    host, port = node.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.settimeout(10)
+        try:
+            s.sendall(head)
+            answer = s.recv(100)
+        except (ConnectionResetError, BrokenPipeError):
+            return None
+    return int(answer.split()[1]) if answer else None
+
+
+def test_request_heads_over_64_kib_get_431_and_smaller_ones_are_served(node: Node) -> None:
+    auth = f"Authorization: Bearer {node.token}\r\n".encode()
+    with node.client() as c:
+        assert c.get("/v1/version", headers={"x-pad": "p" * 60_000}).status_code == 200
+        assert c.get("/v1/version", headers={f"x-h{i}": "v" for i in range(2000)}).status_code == 200
+        assert c.get("/v1/version", headers={"x-pad": "p" * 70_000}).status_code == 431
+    assert _raw_status(node, b"GET /v1/version?" + b"q" * 60_000 + b" HTTP/1.1\r\n" + auth + b"\r\n") == 200
+    assert _raw_status(node, b"GET /v1/version?" + b"q" * 70_000 + b" HTTP/1.1\r\n" + auth + b"\r\n") == 431
+    lines = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 20) for i in range(10_000))  # 10,000 lines, 300 KB
+    assert _raw_status(node, b"GET /v1/version HTTP/1.1\r\n" + auth + lines + b"\r\n") in (431, None)
+    with node.client() as c:  # the node is fine, and an upload (head and body in one read) is unaffected
+        share = a_share(0, os.urandom(300_000))
+        assert put(c, share).status_code == 201
+        assert c.get(f"/v1/immutable/{SI}/0").content == share
+
+
+def test_unfinished_request_heads_are_timed_out_and_cannot_lock_clients_out(tmp_path: Path) -> None:
+    """520 connections whose heads never end (half of them send nothing at all) used to hold all of the
+    node's 512 connections, so every other client got 503, until it restarted. With the head deadline
+    (60 s; 5 s in this test) they are closed and the node serves again."""
+    timeout = 5.0
+    directory = tmp_path / "node"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import tahoefs.storage.node_main as m; m.REQUEST_HEAD_TIMEOUT = {timeout};"
+            "from tahoefs.cli.main import main; main()",
+            *("node", "--dir", str(directory), "--listen", "127.0.0.1:0"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    fields = dict(proc.stdout.readline().decode().strip().partition(": ")[::2] for _ in range(3))
+    n = Node(proc, fields["url"], fields["token"], directory)
+    host, port = n.url.removeprefix("http://").split(":")
+    stuck = []
+    try:
+        started = time.monotonic()
+        for i in range(520):
+            s = socket.create_connection((host, int(port)))
+            if i % 2:
+                s.sendall(b"GET /v1/version HTTP/1.1\r\nHost: x\r\n")  # half a head
+            stuck.append(s)
+        time.sleep(0.3)
+        if time.monotonic() - started < timeout - 1:  # (on a very slow machine the first ones are gone)
+            with n.client() as c:
+                assert c.get("/v1/version").status_code == 503  # every connection is taken
+        time.sleep(max(0.0, started + timeout + 2 - time.monotonic()))
+        with n.client() as c:
+            assert c.get("/v1/version").status_code == 200
+        for s in stuck:
+            s.settimeout(5)
+            assert s.recv(100) == b""  # closed by the node
+    finally:
+        for s in stuck:
+            s.close()
+        stop_node(n)
