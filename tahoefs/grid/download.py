@@ -314,16 +314,32 @@ class FileReader:
 
     # -- plaintext -------------------------------------------------------------------------------
     async def segment_size(self) -> int:
-        """The file's segment size, read from a verified trailer."""
+        """The file's segment size, read from the first verified trailer to arrive. Trailers are asked
+        for one source at a time, but a source that has not answered within the hedge delay gets
+        company (the next source starts too), so a slow or stalled node costs about that delay, not
+        the stall deadline."""
         sources = await self.locate()
-        for src in self._choose(self.n, set(), set()):
-            try:
-                with trio.fail_after(self.grid.stall_timeout):
-                    return (await self._trailer(src)).ueb.segment_size
-            except trio.TooSlowError:
-                self._mark_bad(src.node, "stalled")
-            except NodeError as exc:
-                self._mark_bad(src.node, exc.reason)
+        found: list[int] = []
+        async with trio.open_nursery() as nursery:
+
+            async def one(src: ShareSource, tried: trio.Event) -> None:
+                try:
+                    with trio.fail_after(self.grid.stall_timeout):
+                        found.append((await self._trailer(src)).ueb.segment_size)
+                    nursery.cancel_scope.cancel()
+                except trio.TooSlowError:
+                    self._mark_bad(src.node, "stalled")
+                except NodeError as exc:
+                    self._mark_bad(src.node, exc.reason)
+                tried.set()
+
+            for src in self._choose(self.n, set(), set()):
+                tried = trio.Event()
+                nursery.start_soon(one, src, tried)
+                with trio.move_on_after(self._late_after()):
+                    await tried.wait()
+        if found:
+            return found[0]
         raise self._not_enough(0, 0, sources)
 
     async def read_segment(self, segment: int, segment_size: int) -> bytes:
