@@ -234,6 +234,6 @@ def test_check_of_a_path_inside_a_mount(mounted: tuple[LocalGrid, Path, str]) ->
     # The mount's own root cap is used, so its directories can be repaired by path too.
     wipe_disks(grid, 4)
     code, out, err = check(grid, "--deep", "--repair", str(mnt / "sub"))
-    assert code == 0, out + err
+    assert code == 0, out + "\n" + err
     assert "published again" in out
     assert check(grid, "--deep", str(mnt / "sub"))[0] == 0

@@ -7,6 +7,7 @@ last line {"summary": {...}}.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -29,6 +30,11 @@ from tahoefs.grid.checker import Checked, Checker, Options
 from tahoefs.grid.client import GridClient
 from tahoefs.grid.config import GridConfig
 from tahoefs.grid.directory import Directory
+
+SUMMARY_KEYS = (
+    "healthy", "not healthy", "lost", "directory", "file", "bucket", "inline", "repaired", "repair failed",
+    "unreadable",
+)  # fmt: skip
 
 
 class _Printer:
@@ -54,6 +60,13 @@ class _Printer:
             self._drawn = time.monotonic()
             sys.stderr.write(f"\rchecked {self.seen} objects")
             sys.stderr.flush()
+
+    def literal(self, path: str) -> None:
+        """A file whose bytes live in its cap or its directory entry: no node holds anything."""
+        if self.as_json:
+            print(json.dumps({"path": path, "kind": "literal", "state": "healthy", "healthy": True}))
+        else:
+            print(f"{path}: healthy: its bytes live in its cap or directory entry; no node is involved")
 
     def _clear(self) -> None:
         if self.progress:
@@ -101,8 +114,21 @@ def _mount_target(text: str) -> Target | None:
 
     found = mount_of(home_dir(), Path(text))
     if found is not None:
+        _push_journal(Path(text))
         return Target(parse_cap(found[0]), found[1], text)
     return Target(parse_cap(read_cap_of(Path(text))), [], text)
+
+
+def _push_journal(path: Path) -> None:
+    """fsync of a directory makes the mount push its journal to the grid: the walk, which reads the
+    grid, then sees names that were only in the journal."""
+    folder = path if path.is_dir() else path.parent
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 async def check(
@@ -110,15 +136,15 @@ async def check(
 ) -> bool:
     """Check TARGET; True when everything checked is healthy (after repair, with --repair)."""
     target = _mount_target(text) or parse_target(text)
-    if isinstance(target.cap, LiteralCap) and not target.path:
-        print(f"{text}: healthy: a literal cap holds its bytes itself; no node is involved")
-        return True
     printer = _Printer(as_json, deep)
+    if isinstance(target.cap, LiteralCap) and not target.path:
+        printer.literal(text)
+        return True
     async with GridClient(config, secret) as grid:
         checker = Checker(grid, options, printer)
         try:
             try:
-                await _run(grid, checker, target, deep)
+                await _run(grid, checker, printer, target, deep)
             except NoSuchEntryError:
                 if not os.path.lexists(text):
                     raise
@@ -126,19 +152,19 @@ async def check(
                 # the mount still knows the object's read cap.
                 from tahoefs.fs.mount import read_cap_of
 
-                await _run(grid, checker, Target(parse_cap(read_cap_of(Path(text))), [], text), deep)
+                await _run(grid, checker, printer, Target(parse_cap(read_cap_of(Path(text))), [], text), deep)
         finally:
             printer.finish()
     counts = checker.counts
     if deep or counts["directory"]:
         if as_json:
-            print(json.dumps({"summary": dict(counts)}))
+            print(json.dumps({"summary": {key: counts[key] for key in SUMMARY_KEYS}}))
         else:
             print(summary_line(counts))
     return checker.all_healthy and not counts["unreadable"]
 
 
-async def _run(grid: GridClient, checker: Checker, target: Target, deep: bool) -> None:
+async def _run(grid: GridClient, checker: Checker, printer: _Printer, target: Target, deep: bool) -> None:
     cap = target.cap
     path = target.text
     if target.path:
@@ -150,7 +176,7 @@ async def _run(grid: GridClient, checker: Checker, target: Target, deep: bool) -
             raise UsageError(f"{target.text} is a symlink; check what it points to")
         cap = parent.child(entry).cap if entry.kind == KIND_DIR else parse_cap(entry_cap(entry))
     if isinstance(cap, LiteralCap):
-        print(f"{path}: healthy: small enough to live inside its directory entry or cap")
+        printer.literal(path)
         return
     if isinstance(cap, FileCap | VerifyCap):
         await checker.file(cap.verify_cap() if isinstance(cap, FileCap) else cap, path)

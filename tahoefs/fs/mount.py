@@ -359,9 +359,9 @@ def read_cap_of(path: Path) -> str:
 def mount_of(home: Path, path: Path) -> tuple[str, list[bytes]] | None:
     """For a path inside a mount this home serves: (the mount's root cap, the path's components below
     the mount point). None when no mount of this home holds the path."""
-    target = Path(os.path.abspath(path.expanduser()))
+    target = Path(os.path.realpath(path.expanduser()))
     for row in mount_status(home):
-        mountpoint = Path(str(row["mountpoint"]))
+        mountpoint = Path(os.path.realpath(str(row["mountpoint"])))
         if row["alive"] and "cap" in row and (target == mountpoint or mountpoint in target.parents):
             return str(row["cap"]), [os.fsencode(p) for p in target.relative_to(mountpoint).parts]
     return None

@@ -7,7 +7,7 @@ An immutable file is *healthy* when all n share numbers sit on n distinct nodes 
 shares to nodes, after Tahoe-LAFS's servers-of-happiness), *recoverable* when at least k distinct good
 shares exist, and *lost* otherwise. A mutable object (a directory's root) is judged the same way on the
 shares of its current version; a retrieve verifies those always, since they are small. Repair lives in
-grid/repair.py; walking a tree in grid/deepcheck.py.
+grid/repair.py; walking a tree in grid/checker.py.
 """
 
 from __future__ import annotations
@@ -168,14 +168,18 @@ async def check_file(
     limiter = limiter or trio.CapacityLimiter(VERIFY_PARALLEL_SHARES)
 
     async def judge(src: ShareSource) -> None:
-        reason = None
         if verify:
             async with limiter:
-                reason = await verify_share(reader, src)
-        if reason is None:
-            health.holders.setdefault(src.num, []).append(src.node)
-        else:
-            health.corrupt.append(Corrupt(src.node, src.num, reason))
+                try:
+                    reason = await verify_share(reader, src)
+                except NodeUnavailable as exc:
+                    # Not proven bad, not proven good: it does not count, and nobody deletes it.
+                    health.problems.append(f"node {src.node.name}: share {src.num} not verified: {exc}")
+                    return
+            if reason is not None:
+                health.corrupt.append(Corrupt(src.node, src.num, reason))
+                return
+        health.holders.setdefault(src.num, []).append(src.node)
 
     async with trio.open_nursery() as nursery:
         for src in reader.sources:
@@ -187,9 +191,14 @@ async def check_file(
     return health, reader
 
 
+class NodeUnavailable(Exception):
+    """A share could not be read to the end (the node failed or stalled): neither good nor corrupt."""
+
+
 async def verify_share(reader: FileReader, src: ShareSource) -> str | None:
     """Read share `src` whole, VERIFY_RANGE_BYTES at a time, and check its trailer and every block
-    against the cap. Returns None when every byte is good, else why not."""
+    against the cap. Returns None when every byte is good, else why not (the share is corrupt).
+    Raises NodeUnavailable when the node failed or stalled before the share could be judged."""
     node = src.node
     try:
         with ungrouped(), trio.fail_after(reader.grid.stall_timeout):
@@ -212,11 +221,11 @@ async def verify_share(reader: FileReader, src: ShareSource) -> str | None:
                 return f"block {bad} does not match its hash"
             segment = last
     except trio.TooSlowError:
-        return f"stalled for more than {reader.grid.stall_timeout:g} s"
+        raise NodeUnavailable(f"stalled for more than {reader.grid.stall_timeout:g} s") from None
     except IntegrityError as exc:
         return exc.reason
     except NodeError as exc:
-        return exc.reason
+        raise NodeUnavailable(exc.reason) from None
     return None
 
 

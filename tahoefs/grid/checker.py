@@ -78,10 +78,10 @@ class Checker:
     def _done(self, checked: Checked) -> Checked:
         self.counts[checked.final.state] += 1
         self.counts[checked.health.kind] += 1
-        if checked.error is not None:
-            self.counts["repair failed"] += 1
-        elif checked.after is not None and checked.after.healthy:
+        if checked.after is not None and checked.after.healthy:
             self.counts["repaired"] += 1
+        elif checked.error is not None or checked.after is not None:  # failed, or only partly done
+            self.counts["repair failed"] += 1
         self.report(checked)
         return checked
 
@@ -200,8 +200,8 @@ class Checker:
             try:
                 child = directory.child(entry)
             except (IntegrityError, UsageError) as exc:
-                self.counts["unreadable"] += 1
-                self.report(Checked(child_path, Health("directory", "", 0, 0, problems=[str(exc)])))
+                lost = Health("directory", entry.cap, self.grid.needed, self.grid.total, problems=[str(exc)])
+                self._done(Checked(child_path, lost))  # its cap does not open: as good as lost
                 return
             pending.push(child.obj.si, str(child.cap), child_path)
         elif entry.kind == KIND_FILE:
@@ -210,8 +210,9 @@ class Checker:
                 return
             try:
                 cap = parse_cap(entry.cap)
-            except UsageError:
-                self.counts["unreadable"] += 1
+            except UsageError as exc:
+                lost = Health("file", entry.cap, self.grid.needed, self.grid.total, problems=[str(exc)])
+                self._done(Checked(child_path, lost))
                 return
             if isinstance(cap, FileCap):
                 await send.send((cap.verify_cap(), child_path, "file"))
