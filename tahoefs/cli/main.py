@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--reserve-mib", type=int, default=None, help="refuse shares when free space falls below this"
     )
     p.add_argument("--max-share-mib", type=int, default=None, help="largest share accepted (default 1 TiB)")
+    p.add_argument(
+        "--tls", action="store_true", help="serve HTTPS with a self-signed certificate kept in DIR"
+    )
 
     g = sub.add_parser("grid", parents=[common], help="manage the local grid and the grid file")
     gsub = g.add_subparsers(dest="grid_command", metavar="ACTION", parser_class=_Parser)
@@ -117,6 +120,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         args.listen,
         min_free_bytes=None if args.reserve_mib is None else args.reserve_mib * mib,
         max_share_bytes=None if args.max_share_mib is None else args.max_share_mib * mib,
+        use_tls=args.tls,
     )
     return EXIT_OK
 

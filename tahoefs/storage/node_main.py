@@ -15,6 +15,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from tahoefs.errors import UsageError
 from tahoefs.storage.node_app import NodeApp
 from tahoefs.storage.store import ShareStore, load_or_create_identity
+from tahoefs.tls import load_or_create_certificate
 
 # A request's line and headers together: tahoefs clients send under 1 KiB. The node answers 431 and closes
 # the connection beyond this.
@@ -113,18 +114,31 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def run_node(
-    directory: Path, listen: str, min_free_bytes: int | None = None, max_share_bytes: int | None = None
+    directory: Path,
+    listen: str,
+    min_free_bytes: int | None = None,
+    max_share_bytes: int | None = None,
+    use_tls: bool = False,
 ) -> None:
-    """Serve the share store in `directory` until SIGINT/SIGTERM. Prints `url:` and `token:` lines on
-    stdout and writes DIR/url once the socket is bound. Raises UsageError for a bad address or folder."""
+    """Serve the share store in `directory` until SIGINT/SIGTERM. Prints `url:`, `token:` and `node_id:`
+    lines (and `fingerprint:` with TLS) on stdout and writes DIR/url once the socket is bound. With
+    `use_tls` it serves HTTPS with the certificate in DIR, made at the first start with TLS. Raises
+    UsageError for a bad address or folder."""
     host, port = parse_listen(listen)
+    tls_files: dict[str, str] = {}
+    fingerprint = ""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         identity = load_or_create_identity(directory)
+        if use_tls:
+            cert, key, fingerprint = load_or_create_certificate(directory, f"tahoefs node {identity.node_id}")
+            tls_files = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
         kwargs = {} if min_free_bytes is None else {"min_free_bytes": min_free_bytes}
         store = ShareStore(directory, **kwargs)
     except OSError as exc:
         raise UsageError(f"cannot use node folder {directory}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets that say so, and without it
     # every reused connection waits ~40 ms (Nagle against delayed ACK) on responses written in two parts.
@@ -137,11 +151,13 @@ def run_node(
     sock.listen(128)
     bound_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if family == socket.AF_INET6 else host
-    url = f"http://{shown_host}:{bound_port}"
+    url = f"{'https' if use_tls else 'http'}://{shown_host}:{bound_port}"
     (directory / "url").write_text(url + "\n")
     print(f"url: {url}", flush=True)
     print(f"token: {identity.token}", flush=True)
     print(f"node_id: {identity.node_id}", flush=True)
+    if fingerprint:
+        print(f"fingerprint: {fingerprint}", flush=True)
     app = NodeApp(
         store,
         identity.token,
@@ -156,6 +172,7 @@ def run_node(
         log_level="warning",
         timeout_keep_alive=30,
         limit_concurrency=512,
+        **tls_files,  # type: ignore[arg-type]
     )
     server = uvicorn.Server(config)
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
