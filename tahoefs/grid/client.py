@@ -10,6 +10,7 @@ import httpx
 
 from tahoefs.formats.hashing import TAG_DELETE_SECRET, tagged_hash
 from tahoefs.grid.config import GridConfig
+from tahoefs.grid.pinning import node_transport
 from tahoefs.limits import NODE_CONNECT_TIMEOUT
 from tahoefs.storage.client import NodeClient, TransferStats
 
@@ -34,15 +35,21 @@ class GridClient:
         # One small connection pool per node: httpx's pool does work proportional to its size on every
         # request, and one shared pool of ~25 connections cost ~20% of a download's CPU.
         # One TLS context for all pools: building one loads the CA store (~17 ms each).
+        # A node with a pinned certificate gets a transport that trusts that certificate alone (checked
+        # at its first request); see grid/pinning.py.
         tls = ssl.create_default_context()
+        limits = httpx.Limits(max_connections=CONNECTIONS_PER_NODE, max_keepalive_connections=8)
         self._pools = [
             httpx.AsyncClient(
                 verify=tls,
                 timeout=httpx.Timeout(self.stall_timeout, connect=NODE_CONNECT_TIMEOUT),
-                limits=httpx.Limits(max_connections=CONNECTIONS_PER_NODE, max_keepalive_connections=8),
+                limits=limits,
                 trust_env=False,
+                transport=node_transport(
+                    node.url, node.fingerprint, node.url, tls, limits, NODE_CONNECT_TIMEOUT
+                ),
             )
-            for _ in self.config.nodes
+            for node in self.config.nodes
         ]
         self.nodes = [
             NodeClient(pool, node.url, node.token, node.placement_id, name=node.url, stats=self.stats)

@@ -9,6 +9,7 @@ total = 10      # n: shares made per file
 url = "http://127.0.0.1:40001"
 token = "..."
 id = "..."      # optional: the node's id (placement key); defaults to the URL
+fingerprint = "sha256:..."  # optional, https only: trust exactly this certificate (see tahoefs/tls.py)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from tahoefs.errors import UsageError
 from tahoefs.limits import NODE_STALL_TIMEOUT
+from tahoefs.tls import check_fingerprint
 
 DEFAULT_NEEDED, DEFAULT_HAPPY, DEFAULT_TOTAL = 3, 7, 10
 
@@ -29,6 +31,9 @@ class NodeConfig:
     url: str
     token: str
     id: str = ""
+    # "sha256:HEX" of the node's DER certificate: the client trusts that certificate and no other (no CA,
+    # no hostname check). Empty: an https node is checked against the system's CAs.
+    fingerprint: str = ""
 
     @property
     def placement_id(self) -> str:
@@ -46,6 +51,18 @@ class GridConfig:
     stall_timeout: float = NODE_STALL_TIMEOUT
 
     def validate(self) -> None:
+        for node in self.nodes:
+            if not node.fingerprint:
+                continue
+            try:
+                node.fingerprint = check_fingerprint(node.fingerprint)
+            except ValueError as exc:
+                raise UsageError(f"node {node.url}: {exc}") from None
+            if not node.url.lower().startswith("https://"):
+                raise UsageError(
+                    f"node {node.url} has a fingerprint but a plain http:// URL: make it https:// (the node "
+                    "must run with --tls) or drop the fingerprint"
+                )
         if not 0.1 <= self.stall_timeout <= 3600:
             raise UsageError(
                 f"[timeouts] stall must be between 0.1 and 3600 seconds, got {self.stall_timeout}"
@@ -75,6 +92,8 @@ def dump_grid(config: GridConfig) -> str:
         lines += ["", "[[nodes]]", f"url = {_quote(node.url)}", f"token = {_quote(node.token)}"]
         if node.id:
             lines.append(f"id = {_quote(node.id)}")
+        if node.fingerprint:
+            lines.append(f"fingerprint = {_quote(node.fingerprint)}")
     return "\n".join(lines) + "\n"
 
 
@@ -104,7 +123,7 @@ def load_grid(path: Path) -> GridConfig:
         enc = data.get("encoding", {})
         config = GridConfig(
             nodes=[
-                NodeConfig(str(n["url"]), str(n["token"]), str(n.get("id", "")))
+                NodeConfig(str(n["url"]), str(n["token"]), str(n.get("id", "")), _text(n, "fingerprint"))
                 for n in data.get("nodes", [])
             ],
             needed=int(enc.get("needed", DEFAULT_NEEDED)),
@@ -114,5 +133,15 @@ def load_grid(path: Path) -> GridConfig:
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UsageError(f"grid file {path} is malformed: {exc}") from None
-    config.validate()
+    try:
+        config.validate()
+    except UsageError as exc:
+        raise UsageError(f"grid file {path}: {exc}") from None
     return config
+
+
+def _text(table: dict[str, object], key: str) -> str:
+    value = table.get(key, "")
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r}")
+    return value
