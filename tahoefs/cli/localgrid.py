@@ -1,8 +1,9 @@
 """A grid of storage nodes on this machine, under $TAHOEFS_HOME/nodes/node-NN (for trying tahoefs out and
 for tests): `tahoefs grid up/down/stop/start/status`.
 
-Each node folder holds the node's own state (node.json, shares/) plus what the launcher records: `port`
-(kept across restarts so the grid file stays true), `pid`, and `node.log`.
+Each node folder holds the node's own state (node.json, shares/, and with TLS its certificate and key)
+plus what the launcher records: `port` (kept across restarts so the grid file stays true), `pid`,
+`node.log`, and `tls` when the node serves HTTPS (`grid up --tls`; remembered from then on).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ import httpx
 
 from tahoefs.errors import GridError, UsageError
 from tahoefs.grid.config import GridConfig, NodeConfig, load_grid, save_grid
+from tahoefs.tls import CERT_FILE, fingerprint, pinned_context
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
@@ -63,8 +66,26 @@ class LocalNode:
         return port
 
     @property
+    def tls(self) -> bool:
+        return (self.dir / "tls").exists()
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port()}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port()}"
+
+    def certificate(self) -> bytes:
+        """The DER certificate the node made at its first start with TLS (FileNotFoundError before)."""
+        return ssl.PEM_cert_to_DER_cert((self.dir / CERT_FILE).read_text())
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.certificate()) if self.tls else ""
+
+    def http(self, plain: httpx.Client) -> httpx.Client:
+        """A client for this node: `plain` for HTTP; with TLS a new one that trusts exactly the
+        node's own certificate (the caller closes it)."""
+        if not self.tls:
+            return plain
+        return httpx.Client(timeout=2.0, trust_env=False, verify=pinned_context(self.certificate()))
 
     def identity(self) -> tuple[str, str]:
         data = json.loads((self.dir / "node.json").read_text())
@@ -128,6 +149,7 @@ def _start(node: LocalNode) -> None:
                 str(node.dir),
                 "--listen",
                 f"127.0.0.1:{port}",
+                *(["--tls"] if node.tls else []),
             ],
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -140,15 +162,20 @@ def _start(node: LocalNode) -> None:
 
 def _wait_ready(nodes: list[LocalNode]) -> None:
     deadline = time.monotonic() + START_TIMEOUT
-    with httpx.Client(timeout=2.0, trust_env=False) as http:
+    with httpx.Client(timeout=2.0, trust_env=False) as plain:
         for node in nodes:
             while True:
                 try:
                     _node_id, token = node.identity()
-                    r = http.get(f"{node.url}/v1/version", headers={"authorization": f"Bearer {token}"})
+                    http = node.http(plain)
+                    try:
+                        r = http.get(f"{node.url}/v1/version", headers={"authorization": f"Bearer {token}"})
+                    finally:
+                        if http is not plain:
+                            http.close()
                     if r.status_code == 200:
                         break
-                except (FileNotFoundError, ValueError, KeyError, httpx.HTTPError):
+                except (FileNotFoundError, ValueError, KeyError, ssl.SSLError, httpx.HTTPError):
                     pass
                 if node.pid() is None or time.monotonic() > deadline:
                     log = (node.dir / "node.log").read_text(errors="replace").strip().splitlines()[-3:]
@@ -175,9 +202,11 @@ def _stop(node: LocalNode) -> bool:
     return True
 
 
-def grid_up(home: Path, grid_path: Path, count: int | None) -> list[LocalNode]:
+def grid_up(home: Path, grid_path: Path, count: int | None, tls: bool = False) -> list[LocalNode]:
     """Start the local nodes that are not running (creating `count` nodes the first time, default 10),
-    wait until every one answers, and write the grid file. Idempotent."""
+    wait until every one answers, and write the grid file. Idempotent. With `tls` every node serves
+    HTTPS from now on (running nodes without it are restarted) and the grid file pins their
+    certificates."""
     existing = local_nodes(home)
     if count is None:
         count = len(existing) or 10
@@ -185,6 +214,10 @@ def grid_up(home: Path, grid_path: Path, count: int | None) -> list[LocalNode]:
         raise UsageError("--nodes must be between 1 and 256")
     nodes = [LocalNode(i, nodes_root(home) / f"node-{i:02d}") for i in range(count)]
     for node in nodes:
+        if tls and not node.tls:
+            _stop(node)
+            node.dir.mkdir(parents=True, exist_ok=True)
+            (node.dir / "tls").write_text("serve HTTPS (tahoefs grid up --tls)\n")
         if node.pid() is None:
             _start(node)
     try:
@@ -210,7 +243,7 @@ def grid_up(home: Path, grid_path: Path, count: int | None) -> list[LocalNode]:
     config.nodes = []
     for node in nodes:
         node_id, token = node.identity()
-        config.nodes.append(NodeConfig(node.url, token, node_id))
+        config.nodes.append(NodeConfig(node.url, token, node_id, node.fingerprint()))
     save_grid(config, grid_path)
     return nodes
 
@@ -242,7 +275,7 @@ def start_nodes(home: Path, indexes: list[int]) -> None:
 
 def grid_status(home: Path) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
-    with httpx.Client(timeout=2.0, trust_env=False) as http:
+    with httpx.Client(timeout=2.0, trust_env=False) as plain:
         for node in local_nodes(home):
             pid = node.pid()
             row: dict[str, object] = {
@@ -258,13 +291,18 @@ def grid_status(home: Path) -> list[dict[str, object]]:
             if pid is not None:
                 try:
                     _id, token = node.identity()
-                    info = http.get(
-                        f"{node.url}/v1/version", headers={"authorization": f"Bearer {token}"}
-                    ).json()
+                    http = node.http(plain)
+                    try:
+                        info = http.get(
+                            f"{node.url}/v1/version", headers={"authorization": f"Bearer {token}"}
+                        ).json()
+                    finally:
+                        if http is not plain:
+                            http.close()
                     row.update(
                         shares=info["shares"], bytes=info["share_bytes"], free_bytes=info["free_bytes"]
                     )
-                except (httpx.HTTPError, ValueError, KeyError, FileNotFoundError):
+                except (httpx.HTTPError, ValueError, KeyError, FileNotFoundError, ssl.SSLError):
                     row["running"] = False
             rows.append(row)
     return rows

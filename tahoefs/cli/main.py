@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     gsub.required = True
     up = gsub.add_parser("up", parents=[common], help="start local nodes and write the grid file")
     up.add_argument("--nodes", type=int, default=None, help="how many nodes (default 10)")
+    up.add_argument(
+        "--tls", action="store_true", help="nodes serve HTTPS; the grid file pins their certificates"
+    )
     gsub.add_parser("down", parents=[common], help="stop every local node")
     for name, text in (("stop", "stop local nodes by index"), ("start", "start local nodes by index")):
         q = gsub.add_parser(name, parents=[common], help=text)
@@ -64,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     add = gsub.add_parser("add", parents=[common], help="add a remote node to the grid file")
     add.add_argument("url")
     add.add_argument("token")
+    add.add_argument(
+        "--fingerprint", metavar="sha256:HEX", help="trust exactly this certificate (printed by 'node --tls')"
+    )
 
     p = sub.add_parser("put", parents=[common], help="upload a file; print its read cap")
     p.add_argument("file", metavar="FILE|-")
@@ -129,7 +135,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     tahoefs_home = home.home_dir()
     action = args.grid_command
     if action == "up":
-        nodes = localgrid.grid_up(tahoefs_home, home.grid_file(args.grid), args.nodes)
+        nodes = localgrid.grid_up(tahoefs_home, home.grid_file(args.grid), args.nodes, tls=args.tls)
         print(f"{len(nodes)} nodes running under {localgrid.nodes_root(tahoefs_home)}")
         print(f"grid file: {home.grid_file(args.grid)}")
     elif action == "down":
@@ -166,28 +172,64 @@ def _print_status(rows: list[dict[str, object]]) -> None:
 
 
 def _grid_add(args: argparse.Namespace) -> None:
+    import ssl
+
     import httpx
 
+    from tahoefs import tls
     from tahoefs.grid.config import GridConfig, NodeConfig, load_grid, save_grid
 
     path = home.grid_file(args.grid)
     config = load_grid(path) if path.exists() else GridConfig()
     if not args.url.startswith(("http://", "https://")):
         raise UsageError(f"node URL must start with http:// or https://, got {args.url!r}")
+    pin = _fingerprint_option(args)
     node_id = ""
     try:
+        # An https node without a pin is checked like any web site: against this machine's CAs.
+        verify = ssl.create_default_context()
+        if pin:
+            der = tls.fetch_certificate(args.url, 5)
+            if tls.fingerprint(der) != pin:
+                raise UsageError(
+                    f"node {args.url} presents a certificate that does not match --fingerprint: check the "
+                    "fingerprint the node printed at start"
+                )
+            verify = tls.pinned_context(der)
         r = httpx.get(
-            f"{args.url.rstrip('/')}/v1/version", headers={"authorization": f"Bearer {args.token}"}, timeout=5
+            f"{args.url.rstrip('/')}/v1/version",
+            headers={"authorization": f"Bearer {args.token}"},
+            timeout=5,
+            verify=verify,
         )
         if r.status_code == 401:
             raise UsageError(f"node {args.url} refused the token")
         node_id = str(r.json().get("node_id", ""))
-    except (httpx.HTTPError, ValueError):
+    except (httpx.HTTPError, ValueError, OSError) as exc:
+        if tls.certificate_failure(exc) is not None:
+            raise UsageError(
+                f"node {args.url} has a certificate no CA of this machine vouches for: give "
+                "--fingerprint sha256:... (a node started with --tls prints it)"
+            ) from None
         print(f"warning: node {args.url} did not answer; added anyway", file=sys.stderr)
     config.nodes = [n for n in config.nodes if n.url != args.url.rstrip("/")]
-    config.nodes.append(NodeConfig(args.url.rstrip("/"), args.token, node_id))
+    config.nodes.append(NodeConfig(args.url.rstrip("/"), args.token, node_id, pin))
     save_grid(config, path)
     print(f"grid file {path} now lists {len(config.nodes)} nodes")
+
+
+def _fingerprint_option(args: argparse.Namespace) -> str:
+    from tahoefs import tls
+
+    if args.fingerprint is None:
+        return ""
+    try:
+        pin = tls.check_fingerprint(args.fingerprint)
+    except ValueError as exc:
+        raise UsageError(f"--fingerprint: {exc}") from None
+    if not args.url.lower().startswith("https://"):
+        raise UsageError("--fingerprint needs an https:// URL (the node must run with --tls)")
+    return pin
 
 
 def _cmd_put(args: argparse.Namespace) -> int:
