@@ -118,8 +118,12 @@ class MutableObject:
             async with trio.open_nursery() as nursery:
                 for nid, num in wanted:
 
-                    async def one(nid: str = nid, num: int = num) -> None:
+                    async def one(nid: str = nid, num: int = num, claimed: int = seq) -> None:
                         share = await self._fetch(nodes[nid], num)
+                        if share is not None and share.seqnum != claimed:
+                            self._problem(
+                                nodes[nid], f"claims seqnum {claimed} for share {num}, serves {share.seqnum}"
+                            )
                         if share is not None:
                             groups[share.version_id][share.num] = share
                             holders[share.version_id][nid].add(num)
