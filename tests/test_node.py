@@ -313,18 +313,15 @@ def test_request_heads_over_64_kib_get_431_and_smaller_ones_are_served(node: Nod
         assert c.get(f"/v1/immutable/{SI}/0").content == share
 
 
-def test_unfinished_request_heads_are_timed_out_and_cannot_lock_clients_out(tmp_path: Path) -> None:
-    """520 connections whose heads never end (half of them send nothing at all) used to hold all of the
-    node's 512 connections, so every other client got 503, until it restarted. With the head deadline
-    (60 s; 5 s in this test) they are closed and the node serves again."""
-    timeout = 5.0
-    directory = tmp_path / "node"
+def _start_node_with(directory: Path, **constants: float) -> Node:
+    """A node process whose node_main constants (REQUEST_HEAD_TIMEOUT, KEEP_ALIVE_SECONDS) are set
+    shorter, so that the tests need not wait a minute."""
+    settings = "; ".join(f"m.{name} = {value!r}" for name, value in constants.items())
     proc = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            f"import tahoefs.storage.node_main as m; m.REQUEST_HEAD_TIMEOUT = {timeout};"
-            "from tahoefs.cli.main import main; main()",
+            f"import tahoefs.storage.node_main as m; {settings}; from tahoefs.cli.main import main; main()",
             *("node", "--dir", str(directory), "--listen", "127.0.0.1:0"),
         ],
         stdout=subprocess.PIPE,
@@ -332,7 +329,15 @@ def test_unfinished_request_heads_are_timed_out_and_cannot_lock_clients_out(tmp_
     )
     assert proc.stdout is not None
     fields = dict(proc.stdout.readline().decode().strip().partition(": ")[::2] for _ in range(3))
-    n = Node(proc, fields["url"], fields["token"], directory)
+    return Node(proc, fields["url"], fields["token"], directory)
+
+
+def test_unfinished_request_heads_are_timed_out_and_cannot_lock_clients_out(tmp_path: Path) -> None:
+    """520 connections whose heads never end (half of them send nothing at all) used to hold all of the
+    node's 512 connections, so every other client got 503, until it restarted. With the head deadline
+    (60 s; 5 s in this test) they are closed and the node serves again."""
+    timeout = 5.0
+    n = _start_node_with(tmp_path / "node", REQUEST_HEAD_TIMEOUT=timeout)
     host, port = n.url.removeprefix("http://").split(":")
     stuck = []
     try:
@@ -355,4 +360,38 @@ def test_unfinished_request_heads_are_timed_out_and_cannot_lock_clients_out(tmp_
     finally:
         for s in stuck:
             s.close()
+        stop_node(n)
+
+
+@pytest.mark.parametrize("rest", ["a-pause", "all-of-it"])
+def test_the_body_of_a_refused_request_cannot_hold_its_connection_open(tmp_path: Path, rest: str) -> None:
+    """A PUT without the token and with a 10 MB Content-Length gets its 401 at once. Its body's bytes
+    used to cancel the keep-alive timer for good: one more piece of body and then silence held the
+    connection forever. Now it closes after the keep-alive time (30 s; 2 s here), whether the body
+    stops halfway or is sent whole."""
+    n = _start_node_with(tmp_path / "node", KEEP_ALIVE_SECONDS=2)
+    host, port = n.url.removeprefix("http://").split(":")
+    length = 10_000_000 if rest == "a-pause" else 3000
+    try:
+        with socket.create_connection((host, int(port))) as s:
+            s.settimeout(10)
+            s.sendall(
+                f"PUT /v1/immutable/{SI}/0 HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode()
+                + b"z" * 1000
+            )
+            answer = b""
+            while not answer.endswith(b"}"):
+                answer += s.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 401")
+            s.sendall(b"z" * 2000)  # more body after the answer (all of it for "all-of-it")
+            started = time.monotonic()
+            assert s.recv(100) == b""  # closed by the node...
+            assert 1 < time.monotonic() - started < 8  # ...after the keep-alive time
+        with n.client() as c:  # keep-alive reuse of answered requests is unaffected
+            for _ in range(3):
+                assert c.get("/v1/version").status_code == 200
+            assert put(c, a_share(0)).status_code == 201
+            assert put(c, a_share(0)).status_code == 409
+            assert c.get(f"/v1/immutable/{SI}").json() == {"shares": [0]}
+    finally:
         stop_node(n)

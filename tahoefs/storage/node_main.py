@@ -23,6 +23,9 @@ MAX_REQUEST_HEAD_BYTES = 64 * 1024
 # Seconds from a connection's start, or from the first byte of a later request on it, to the end of that
 # request's headers. The connection is closed after that.
 REQUEST_HEAD_TIMEOUT = 60.0
+# Seconds an idle keep-alive connection stays open; also how long the rest of a body the node answered
+# early (401, 409, 413, ...) may pause before the connection is closed.
+KEEP_ALIVE_SECONDS = 30
 _HEAD_PIECE = 4096  # bytes fed to the parser at a time while a head is incomplete
 
 
@@ -38,11 +41,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     Here a head is fed to the parser in pieces of `_HEAD_PIECE` bytes and counted; over
     MAX_REQUEST_HEAD_BYTES the node answers 431 and closes. A head not complete within
-    REQUEST_HEAD_TIMEOUT seconds closes the connection. Bodies are fed as before, in one call per read."""
+    REQUEST_HEAD_TIMEOUT seconds closes the connection. Bodies are fed as before, in one call per read.
+
+    One more hole of the same kind: when the node answers before the body has all arrived (a 401 to a
+    PUT without the token), the body's bytes cancel uvicorn's keep-alive timer and nothing re-arms it,
+    so a client that sends one more piece and then nothing held the connection forever. Here such a
+    body may pause at most KEEP_ALIVE_SECONDS, like an idle connection."""
 
     _in_head = True
     _head_bytes = 0
     _head_timer: asyncio.TimerHandle | None = None
+    _idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -50,12 +59,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        self._stop_idle_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if not self._in_head:
+            if self.cycle is not None and self.cycle.response_complete:
+                self._restart_idle_timer()  # the body of a request already answered
             super().data_received(data)
             return
+        self._stop_idle_timer()
         self._start_head_timer()
         view = memoryview(data)
         pos = 0
@@ -76,11 +89,28 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         self._head_bytes = 0
         self._stop_head_timer()
+        self._stop_idle_timer()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head = True  # what comes next on this connection is the next request's head
+        if self.cycle is not None and self.cycle.response_complete:
+            self._restart_idle_timer()  # answered before its body ended: now an idle connection
+
+    def _restart_idle_timer(self) -> None:
+        self._stop_idle_timer()
+        self._idle_timer = self.loop.call_later(self.timeout_keep_alive, self._idle_timed_out)
+
+    def _stop_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _idle_timed_out(self) -> None:
+        self._idle_timer = None
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
 
     def _start_head_timer(self) -> None:
         if self._head_timer is None:
@@ -170,7 +200,7 @@ def run_node(
         lifespan="off",
         access_log=False,
         log_level="warning",
-        timeout_keep_alive=30,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
         limit_concurrency=512,
         **tls_files,  # type: ignore[arg-type]
     )
