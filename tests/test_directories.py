@@ -290,3 +290,22 @@ def test_many_concurrent_writers_in_one_process_lose_nothing(grid: LocalGrid) ->
         return await Directory(client, d.cap).count()
 
     assert run_with_grid(grid, go) == 12
+
+
+def test_a_signed_root_naming_an_impossibly_large_bucket_is_refused_before_any_download(
+    grid: LocalGrid,
+) -> None:
+    """A co-writer (anyone with the write cap) cannot make readers hold a huge bucket in memory."""
+    from tahoefs.errors import IntegrityError
+    from tahoefs.formats.caps import FileCap
+    from tahoefs.formats.dirformat import MAX_BUCKET_BYTES, BucketRef, encode_root
+
+    async def go(client: GridClient) -> None:
+        directory = await Directory.create(client)
+        huge = FileCap(os.urandom(32), os.urandom(32), 3, 10, MAX_BUCKET_BYTES + 1)
+        version = await directory.obj.retrieve()
+        await directory.obj.publish(encode_root([BucketRef(0, 1, cap=str(huge))]), version)
+        with pytest.raises(IntegrityError, match="impossibly large"):
+            await Directory(client, directory.cap).lookup(b"anything")
+
+    run_with_grid(grid, go)

@@ -37,6 +37,10 @@ MAX_XATTRS_PER_ENTRY = 128
 INLINE_FILE_MAX = 4096  # files up to this size live inside their directory entry
 BUCKET_INLINE_MAX = 16 * 1024  # a directory's only bucket lives inside the root up to this size
 BUCKET_SPLIT_BYTES = 32 * 1024  # a bucket over this size is split into pieces of at most half of it
+# The largest entry that can exist (name, cap, sealed cap, symlink target or inline data, every xattr at
+# its limit, framing) and so the largest bucket: an entry alone cannot be split. Readers refuse more.
+MAX_ENTRY_BYTES = 64 * 1024 + MAX_TARGET + MAX_XATTRS_PER_ENTRY * (4 + MAX_XATTR_NAME + MAX_XATTR_VALUE)
+MAX_BUCKET_BYTES = BUCKET_SPLIT_BYTES + MAX_ENTRY_BYTES
 ROOT_MAGIC = b"TFDIR1"
 HASH_SPACE = 1 << 64
 

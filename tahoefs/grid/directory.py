@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from tahoefs.errors import (
+    BadCapError,
     EntryExistsError,
     GridError,
     IntegrityError,
@@ -30,6 +31,7 @@ from tahoefs.formats.dirformat import (
     BUCKET_SPLIT_BYTES,
     HASH_SPACE,
     KIND_DIR,
+    MAX_BUCKET_BYTES,
     BucketRef,
     Entry,
     bucket_index,
@@ -115,6 +117,8 @@ class Directory:
                 return self._decode_bucket(cap.data)
             if not isinstance(cap, FileCap):
                 raise IntegrityError("directory", "bucket reference is not a file cap")
+            if cap.size > MAX_BUCKET_BYTES:  # held whole: a signed root must not make readers hold more
+                raise IntegrityError("directory", f"bucket of {cap.size} bytes is impossibly large")
             data = self._bucket_bytes.get(ref.cap)
             if data is None:
                 data = await FileReader(self.grid, cap).read(0, cap.size)
@@ -187,11 +191,14 @@ class Directory:
         if isinstance(self.cap, DirWriteCap) and entry.sealed_write_cap:
             try:
                 cap = parse_cap(unseal_write_cap(self.cap.seed, entry.sealed_write_cap))
-            except ValueError as exc:
+            except (ValueError, BadCapError) as exc:
                 raise IntegrityError("directory", f"child write cap does not unseal: {exc}") from None
             if isinstance(cap, DirWriteCap):
                 return Directory(self.grid, cap)
-        cap = parse_cap(entry.cap)
+        try:
+            cap = parse_cap(entry.cap)
+        except BadCapError as exc:
+            raise IntegrityError("directory", f"child directory cap does not parse: {exc}") from None
         if not isinstance(cap, DirReadCap):
             raise IntegrityError("directory", "child directory cap is not a directory read cap")
         return Directory(self.grid, cap)
