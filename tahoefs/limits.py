@@ -70,5 +70,9 @@ NODE_MAX_SLOT_BYTES = 4 * MiB
 VERIFY_RANGE_BYTES = 2 * MiB
 VERIFY_PARALLEL_SHARES = 4
 
-# Deep check: objects (files, directories' entry lists) checked or repaired at the same time.
+# Deep check: objects (files, directories' entry lists) checked or repaired at the same time, and files
+# located together: one batch query per node for CHECK_BATCH files (QUERY_BATCH storage indexes per
+# request; the node accepts at most 1000) instead of one list request per node per file.
 CHECK_PARALLEL_OBJECTS = 8
+CHECK_BATCH = 250
+QUERY_BATCH = 500

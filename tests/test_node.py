@@ -395,3 +395,23 @@ def test_the_body_of_a_refused_request_cannot_hold_its_connection_open(tmp_path:
             assert c.get(f"/v1/immutable/{SI}").json() == {"shares": [0]}
     finally:
         stop_node(n)
+
+
+def test_one_query_says_which_shares_of_many_files_the_node_holds(node: Node) -> None:
+    other = "b" * 26
+    with node.client() as c:
+        assert put(c, a_share(3, os.urandom(100)), num=3).status_code == 201
+        assert put(c, a_share(7, os.urandom(100)), num=7).status_code == 201
+        r = c.post("/v1/immutable", json={"storage_indexes": [SI, other]})
+        assert r.status_code == 200 and r.json() == {"shares": {SI: [3, 7]}}
+        assert c.post("/v1/immutable", json={"storage_indexes": []}).json() == {"shares": {}}
+        assert c.get("/v1/immutable").status_code == 405
+        for bad in ({"storage_indexes": ["../../etc"]}, {"storage_indexes": SI}, {"nope": []}, [SI]):
+            r = c.post("/v1/immutable", json=bad)
+            assert r.status_code == 400 and "error" in r.json(), bad
+        assert c.post("/v1/immutable", content=b"{not json").status_code == 400
+        too_many = {"storage_indexes": [SI] * 1001}
+        assert c.post("/v1/immutable", json=too_many).status_code == 400
+        assert c.post("/v1/immutable", content=b" " * (65 * 1024)).status_code == 413
+    with node.client(token=None) as c:
+        assert c.post("/v1/immutable", json={"storage_indexes": [SI]}).status_code == 401

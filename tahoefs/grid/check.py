@@ -23,8 +23,8 @@ from tahoefs.formats.share import ShareLayout
 from tahoefs.grid.client import GridClient
 from tahoefs.grid.download import FileReader, ShareSource
 from tahoefs.grid.mutable import MutableObject, Version
-from tahoefs.limits import VERIFY_PARALLEL_SHARES, VERIFY_RANGE_BYTES
-from tahoefs.storage.client import NodeClient
+from tahoefs.limits import QUERY_BATCH, VERIFY_PARALLEL_SHARES, VERIFY_RANGE_BYTES
+from tahoefs.storage.client import NodeClient, QueryUnsupportedError
 
 
 @dataclass
@@ -150,20 +150,62 @@ async def locate_everywhere(grid: GridClient, reader: FileReader) -> list[str]:
     return problems
 
 
+@dataclass
+class Located:
+    """Where the shares of many files are: what one batch of questions to every node found."""
+
+    held: dict[bytes, list[tuple[NodeClient, int]]]  # storage index -> (node, share number) pairs
+    problems: list[str]  # nodes that did not answer: they count against every file asked about
+
+
+async def locate_many(grid: GridClient, sis: list[bytes]) -> Located:
+    """Ask every node which shares of each storage index in `sis` it holds, QUERY_BATCH indexes per
+    request (a node without the batch query is asked index by index). Never raises for node trouble."""
+    found = Located({si: [] for si in sis}, [])
+
+    async def ask(node: NodeClient) -> None:
+        try:
+            with trio.fail_after(grid.stall_timeout * max(1, len(sis) // QUERY_BATCH)):
+                for start in range(0, len(sis), QUERY_BATCH):
+                    chunk = sis[start : start + QUERY_BATCH]
+                    try:
+                        answer = await node.query_shares(chunk)
+                    except QueryUnsupportedError:
+                        answer = {si: await node.list_shares(si) for si in chunk}
+                    for si, nums in answer.items():
+                        found.held[si] += [(node, num) for num in nums]
+        except trio.TooSlowError:
+            found.problems.append(f"node {node.name}: did not answer in time")
+        except NodeError as exc:
+            found.problems.append(f"node {node.name}: {exc.reason}")
+
+    async with trio.open_nursery() as nursery:
+        for node in grid.nodes:
+            nursery.start_soon(ask, node)
+    return found
+
+
 async def check_file(
     grid: GridClient,
     cap: VerifyCap,
     verify: bool = False,
     limiter: trio.CapacityLimiter | None = None,
     kind: str = "file",
+    located: Located | None = None,
 ) -> tuple[Health, FileReader]:
     """The health of an immutable file. With `verify`, every share is read whole and checked block by
     block (shares verified at once are bounded by `limiter`, each holding VERIFY_RANGE_BYTES at most).
-    Returns the health and the reader (its sources are every share found; repair reuses it).
-    Never raises for node trouble: that is what the health reports."""
+    `located` (from locate_many) saves asking the nodes again. Returns the health and the reader (its
+    sources are every share found; repair reuses it). Never raises for node trouble: that is what the
+    health reports."""
     reader = FileReader(grid, cap)
     health = Health(kind, str(cap), cap.needed, cap.total, verified=verify)
-    health.problems = await locate_everywhere(grid, reader)
+    if located is None:
+        health.problems = await locate_everywhere(grid, reader)
+    else:
+        held = located.held.get(cap.storage_index, [])
+        reader.sources = [ShareSource(node, num) for node, num in held if num < reader.n]
+        health.problems = list(located.problems)
     assert reader.sources is not None
     limiter = limiter or trio.CapacityLimiter(VERIFY_PARALLEL_SHARES)
 

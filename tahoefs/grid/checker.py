@@ -2,13 +2,15 @@
 
 A deep walk keeps its to-do list of directories and the set of directories already seen in a temporary
 SQLite file (private to this user, deleted at the end), and lists each directory one bucket at a time, so
-its memory does not grow with the size of the tree. Files are checked by CHECK_PARALLEL_OBJECTS workers
-fed through a bounded channel; each result goes to the `report` callback at once and only counts are
-kept.
+its memory does not grow with the size of the tree. Files reach the checker through a bounded channel
+and are taken CHECK_BATCH at a time: one batch query per node says where all their shares are (instead
+of one list request per node per file), then they are checked CHECK_PARALLEL_OBJECTS at a time. Each
+result goes to the `report` callback at once and only counts are kept.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 import tempfile
@@ -22,12 +24,21 @@ import trio
 from tahoefs.errors import GridError, IntegrityError, UsageError
 from tahoefs.formats.caps import DirVerifyCap, DirWriteCap, FileCap, VerifyCap, parse_cap
 from tahoefs.formats.dirformat import KIND_DIR, KIND_FILE, BucketRef, Entry
-from tahoefs.grid.check import Corrupt, Health, check_file, check_mutable, version_health
+from tahoefs.grid.check import (
+    Corrupt,
+    Health,
+    Located,
+    check_file,
+    check_mutable,
+    locate_many,
+    version_health,
+)
 from tahoefs.grid.client import GridClient
 from tahoefs.grid.directory import Directory
 from tahoefs.grid.repair import repair_file, repair_mutable
-from tahoefs.limits import CHECK_PARALLEL_OBJECTS, VERIFY_PARALLEL_SHARES
+from tahoefs.limits import CHECK_BATCH, CHECK_PARALLEL_OBJECTS, VERIFY_PARALLEL_SHARES
 
+BATCH_WAIT = 0.2  # seconds a partial batch waits for more files while the walk reads directories
 _JobSender = trio.MemorySendChannel[tuple[VerifyCap, str, str]]  # (cap, path, kind) for a worker
 
 
@@ -86,9 +97,11 @@ class Checker:
         return checked
 
     # -- one object ------------------------------------------------------------------------------
-    async def file(self, cap: VerifyCap, path: str, kind: str = "file") -> Checked:
+    async def file(
+        self, cap: VerifyCap, path: str, kind: str = "file", located: Located | None = None
+    ) -> Checked:
         opts = self.options
-        health, reader = await check_file(self.grid, cap, opts.verify, self._limiter, kind)
+        health, reader = await check_file(self.grid, cap, opts.verify, self._limiter, kind, located)
         checked = Checked(path, health)
         if opts.repair and (not health.healthy or health.corrupt):
             stuck = health.corrupt
@@ -149,22 +162,47 @@ class Checker:
                 pending.close()
 
     async def _walk(self, pending: _Pending) -> None:
-        send, receive = trio.open_memory_channel[tuple[VerifyCap, str, str]](CHECK_PARALLEL_OBJECTS)
-
-        async def worker(jobs: trio.MemoryReceiveChannel[tuple[VerifyCap, str, str]]) -> None:
-            async with jobs:
-                async for cap, path, kind in jobs:
-                    await self.file(cap, path, kind)
-
+        send, receive = trio.open_memory_channel[tuple[VerifyCap, str, str]](CHECK_BATCH)
         async with trio.open_nursery() as nursery:
-            async with receive:
-                for _ in range(CHECK_PARALLEL_OBJECTS):
-                    nursery.start_soon(worker, receive.clone())
+            nursery.start_soon(self._check_batches, receive)
             async with send:
                 while (item := pending.pop()) is not None:
                     cap_text, path = item
                     directory = Directory(self.grid, parse_cap(cap_text))  # type: ignore[arg-type]
                     await self._visit(directory, path, pending, send)
+
+    async def _check_batches(self, jobs: trio.MemoryReceiveChannel[tuple[VerifyCap, str, str]]) -> None:
+        """Take up to CHECK_BATCH file jobs at a time (fewer when the walk pauses for BATCH_WAIT), locate
+        them all with one query per node, then check them CHECK_PARALLEL_OBJECTS at a time."""
+        limiter = trio.CapacityLimiter(CHECK_PARALLEL_OBJECTS)
+        async with jobs:
+            done = False
+            while not done:
+                batch: list[tuple[VerifyCap, str, str]] = []
+                while len(batch) < CHECK_BATCH:
+                    with trio.move_on_after(BATCH_WAIT if batch else math.inf):
+                        try:
+                            batch.append(await jobs.receive())
+                            continue
+                        except trio.EndOfChannel:
+                            done = True
+                    break
+                if not batch:
+                    continue
+                await self._check_batch(batch, limiter)
+
+    async def _check_batch(
+        self, batch: list[tuple[VerifyCap, str, str]], limiter: trio.CapacityLimiter
+    ) -> None:
+        located = await locate_many(self.grid, [cap.storage_index for cap, _, _ in batch])
+
+        async def one(cap: VerifyCap, path: str, kind: str) -> None:
+            async with limiter:
+                await self.file(cap, path, kind, located)
+
+        async with trio.open_nursery() as nursery:
+            for job in batch:
+                nursery.start_soon(one, *job)
 
     async def _visit(self, directory: Directory, path: str, pending: _Pending, send: _JobSender) -> None:
         """Check one directory, queue its entry lists and files for the workers and its subdirectories

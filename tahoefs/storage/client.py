@@ -59,6 +59,10 @@ class TestFailedError(NodeError):
         self.current_seqnum = current_seqnum
 
 
+class QueryUnsupportedError(NodeError):
+    """The node predates the batch share query."""
+
+
 class NodeClient:
     """Talks to one node. Share the httpx.AsyncClient (its connection pool) among all NodeClients."""
 
@@ -132,6 +136,35 @@ class NodeClient:
         if not isinstance(shares, list) or not all(isinstance(n, int) and 0 <= n < 256 for n in shares):
             raise NodeError(self.name, "list shares: malformed answer")
         return shares
+
+    async def query_shares(self, sis: list[bytes]) -> dict[bytes, list[int]]:
+        """Which shares of each storage index in `sis` (at most QUERY_MAX_INDEXES) the node holds; an
+        index it holds nothing of is absent. Raises QueryUnsupportedError for a node without the batch
+        query (404/405: ask with list_shares instead), NodeError otherwise."""
+        by_text = {b32encode(si): si for si in sis}
+        what = "query shares"
+        body = json.dumps({"storage_indexes": list(by_text)}).encode()
+        headers = {**self._auth, "content-type": "application/json"}
+        url = f"{self.url}/v1/immutable"
+        try:
+            async with self.http.stream("POST", url, content=body, headers=headers) as r:
+                if r.status_code in (404, 405):
+                    raise QueryUnsupportedError(self.name, f"{what}: not supported by this node")
+                if r.status_code != 200:
+                    raise await self._error_from(r, what)
+                answer = await _read_bounded(self.stats, r, MAX_JSON_BYTES, self.name)
+        except httpx.HTTPError as exc:
+            raise self._fail(what, exc) from None
+        try:
+            shares = json.loads(answer).get("shares")
+            found = {
+                by_text[text]: nums
+                for text, nums in shares.items()
+                if isinstance(nums, list) and all(isinstance(n, int) and 0 <= n < 256 for n in nums)
+            }
+        except (ValueError, AttributeError, KeyError):
+            raise NodeError(self.name, f"{what}: malformed answer") from None
+        return found
 
     async def put_share(
         self, si: bytes, num: int, body: AsyncIterable[bytes], delete_secret: bytes, length: int | None = None

@@ -36,6 +36,8 @@ READ_CHUNK = 256 * 1024
 RANGE_RE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
 CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,19}")
 API_VERSION = 1
+QUERY_MAX_INDEXES = 1000  # storage indexes in one POST /v1/immutable (26 B each, quoted: ~30 KB)
+QUERY_MAX_BODY = 64 * 1024
 
 
 def parse_range(header: str | None, length: int) -> tuple[int, int] | None:
@@ -115,6 +117,11 @@ class NodeApp:
                 raise StoreError(405, "method not allowed")
             await self._version(send)
             return
+        if parts[2:] == ["immutable"]:
+            if method != "POST":
+                raise StoreError(405, "method not allowed")
+            await self._query_shares(headers, receive, send)
+            return
         if parts[2] not in ("immutable", "mutable") or len(parts) not in (4, 5):
             raise StoreError(404, "unknown path")
         mutable = parts[2] == "mutable"
@@ -141,6 +148,32 @@ class NodeApp:
             await _send_json(send, 200, {"deleted": True})
         else:
             raise StoreError(405, "method not allowed")
+
+    async def _query_shares(self, headers: dict[str, str], receive: Receive, send: Send) -> None:
+        """Which shares of up to QUERY_MAX_INDEXES storage indexes this node holds: one request instead
+        of one per file, for a checker walking a tree. Answers only the indexes it holds shares of."""
+        declared = headers.get("content-length")
+        too_big = declared is not None and (
+            not CONTENT_LENGTH_RE.fullmatch(declared) or int(declared) > QUERY_MAX_BODY
+        )
+        if too_big:
+            raise StoreError(413, f"query body over {QUERY_MAX_BODY} bytes")
+        body = await _read_small_body(receive, QUERY_MAX_BODY)
+        try:
+            indexes = json.loads(body)["storage_indexes"]
+            if not isinstance(indexes, list) or len(indexes) > QUERY_MAX_INDEXES:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise StoreError(
+                400, f'body must be {{"storage_indexes": [at most {QUERY_MAX_INDEXES} storage indexes]}}'
+            ) from None
+        found: dict[str, list[int]] = {}
+        for text in indexes:
+            si = check_storage_index(text) if isinstance(text, str) else check_storage_index("")
+            nums = self.store.list_shares(si)
+            if nums:
+                found[si] = nums
+        await _send_json(send, 200, {"shares": found})
 
     async def _version(self, send: Send) -> None:
         await _send_json(
@@ -281,6 +314,23 @@ async def _send_file(
         await send({"type": "http.response.body", "body": chunk, "more_body": pos < end})
     if start == end:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _read_small_body(receive: Receive, limit: int) -> bytes:
+    """A whole request body of at most `limit` bytes (413 beyond; 400 if the client goes away)."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise StoreError(400, "the request body ended early")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise StoreError(413, f"request body over {limit} bytes")
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
 
 
 async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
