@@ -152,12 +152,7 @@ class NodeApp:
     async def _query_shares(self, headers: dict[str, str], receive: Receive, send: Send) -> None:
         """Which shares of up to QUERY_MAX_INDEXES storage indexes this node holds: one request instead
         of one per file, for a checker walking a tree. Answers only the indexes it holds shares of."""
-        declared = headers.get("content-length")
-        too_big = declared is not None and (
-            not CONTENT_LENGTH_RE.fullmatch(declared) or int(declared) > QUERY_MAX_BODY
-        )
-        if too_big:
-            raise StoreError(413, f"query body over {QUERY_MAX_BODY} bytes")
+        declared_length(headers, QUERY_MAX_BODY, f"query body over {QUERY_MAX_BODY} bytes")
         body = await _read_small_body(receive, QUERY_MAX_BODY)
         try:
             indexes = json.loads(body)["storage_indexes"]
@@ -218,12 +213,8 @@ class NodeApp:
         new_seqnum = check_seqnum(headers.get("x-tahoefs-new-seqnum"), "x-tahoefs-new-seqnum")
         if new_seqnum <= test_seqnum:
             raise StoreError(400, "new seqnum must be greater than test seqnum")
-        declared = headers.get("content-length")
-        if declared is not None and (
-            not CONTENT_LENGTH_RE.fullmatch(declared) or int(declared) > self.max_slot_bytes
-        ):
-            raise StoreError(413, "slot is larger than this node accepts")
-        more = 0 if declared is None else int(declared)
+        declared = declared_length(headers, self.max_slot_bytes, "slot is larger than this node accepts")
+        more = declared or 0
         with self.store.receive_slot(si, num, write_enabler, test_seqnum, new_seqnum, more) as incoming:
             while True:
                 message = await receive()
@@ -239,11 +230,9 @@ class NodeApp:
         self, si: str, num: int, headers: dict[str, str], receive: Receive, send: Send
     ) -> None:
         secret = check_secret(headers.get("x-tahoefs-delete-secret"))
-        declared = headers.get("content-length")
+        declared = declared_length(headers, self.max_share_bytes, "share is larger than this node accepts")
         if declared is not None:
-            if not (declared.isascii() and declared.isdigit()) or int(declared) > self.max_share_bytes:
-                raise StoreError(413, "share is larger than this node accepts")
-            self.store.check_space(int(declared))
+            self.store.check_space(declared)
         with self.store.receive(si, num, secret) as incoming:
             while True:
                 message = await receive()
@@ -314,6 +303,17 @@ async def _send_file(
         await send({"type": "http.response.body", "body": chunk, "more_body": pos < end})
     if start == end:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def declared_length(headers: dict[str, str], limit: int, too_big: str) -> int | None:
+    """The request's Content-Length, None when it has none; 413 `too_big` when it is over `limit` or is
+    not a plain decimal number."""
+    declared = headers.get("content-length")
+    if declared is None:
+        return None
+    if not CONTENT_LENGTH_RE.fullmatch(declared) or int(declared) > limit:
+        raise StoreError(413, too_big)
+    return int(declared)
 
 
 async def _read_small_body(receive: Receive, limit: int) -> bytes:
