@@ -237,15 +237,17 @@ def test_mount_fails_fast_with_a_clear_line(grid: LocalGrid, tmp_path: Path) -> 
     assert proc.returncode == 2 and b"not an existing directory" in proc.stderr
 
 
-def test_untar_of_many_small_files_and_diff(mounted, tmp_path: Path) -> None:
+def test_untar_of_a_source_tree_of_two_thousand_files_and_diff(mounted, tmp_path: Path) -> None:
+    """A source-tree-sized tarball: 2,000 files of 0-12 KB (about a third kept inline, the rest uploaded
+    one by one at close) in 40 folders two levels deep, extracted into the mount and compared."""
     _grid, mnt, _root = mounted
     src = tmp_path / "proj"
     rng = random.Random(7)
-    for d in range(10):
-        folder = src / f"pkg{d}" / "sub"
+    for d in range(40):
+        folder = src / f"pkg{d // 8}" / f"sub{d}"
         folder.mkdir(parents=True)
-        for f in range(30):
-            (folder / f"mod{f}.py").write_bytes(os.urandom(rng.randrange(0, 6000)))
+        for f in range(50):
+            (folder / f"mod{f}.py").write_bytes(os.urandom(rng.randrange(0, 12000)))
     tarball = tmp_path / "proj.tar"
     subprocess.run(["tar", "-cf", str(tarball), "-C", str(tmp_path), "proj"], check=True)
     subprocess.run(["tar", "-xf", str(tarball), "-C", str(mnt)], check=True)
