@@ -15,6 +15,12 @@ SEGMENT_SIZE = 1 * MiB
 # client's socket buffers.
 UPLOAD_WINDOW_SEGMENTS = 4
 
+# Segments an upload reads and encodes in a worker thread (AES, zfec and SHA-256 release the GIL) ahead of
+# the one being handed to the share streams, so both cores work: a 1 GiB put went from 12.5 s to 9.0 s
+# (2 ahead: 8.8 s for 6 MiB more RSS). Each holds its plaintext and its n blocks (1 MiB + 3.3 MiB at
+# 3-of-10) on top of UPLOAD_WINDOW_SEGMENTS' 13 MiB.
+ENCODE_AHEAD_SEGMENTS = 1
+
 # Segments fetched ahead of the reader during a sequential download: at most this many segments'
 # k blocks (≈ 1 MiB each) plus their decoded plaintext are held at once.
 DOWNLOAD_WINDOW_SEGMENTS = 4

@@ -23,7 +23,7 @@ from tahoefs.formats.hashing import storage_index_for_key
 from tahoefs.formats.share import UEB, ShareLayout, build_trailer_tail, share_roots_hash
 from tahoefs.grid.client import GridClient
 from tahoefs.grid.streams import ShareStreams
-from tahoefs.limits import HASH_CHUNK_LEAVES, LITERAL_MAX, SEGMENT_SIZE
+from tahoefs.limits import ENCODE_AHEAD_SEGMENTS, HASH_CHUNK_LEAVES, LITERAL_MAX, SEGMENT_SIZE
 
 
 class ByteSource:
@@ -62,6 +62,15 @@ async def read_exactly(source: ByteSource, n: int) -> bytes:
     return b"".join(parts)
 
 
+class _Encoding:
+    """One segment on its way through a worker thread: its blocks and their hashes once `done`."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.done = trio.Event()
+        self.result: tuple[list[bytes], list[bytes]] = ([], [])
+
+
 class _Upload:
     def __init__(
         self, grid: GridClient, progress: Callable[[int], None] | None, size: int | None = None
@@ -97,25 +106,22 @@ class _Upload:
         return UploadUnhappyError(message)
 
     async def _produce(self, source: ByteSource, first: bytes) -> UEB:
+        """Encode segments in worker threads, ENCODE_AHEAD_SEGMENTS of them at once (AES, zfec and
+        SHA-256 release the GIL, so both cores work), and hand them to the share streams in order."""
         offset = 0
-        plaintext = first
-        while plaintext:
-            blocks, hashes = await trio.to_thread.run_sync(
-                encode_segment, self.key, offset, plaintext, self.k, self.n
-            )
-            self._check_still_happy()
-            await self.streams.send(dict(enumerate(blocks)), dict(enumerate(hashes)))
-            offset += len(plaintext)
-            if self.progress:
-                self.progress(offset)
-            if len(plaintext) < SEGMENT_SIZE:
-                break
-            want = SEGMENT_SIZE if self.size is None else min(SEGMENT_SIZE, self.size - offset)
-            plaintext = await read_exactly(source, want) if want else b""
-            if self.size is not None and len(plaintext) < want:
-                raise SourceChangedError("the file shrank while it was being uploaded; try again")
-        if self.size is not None and (offset != self.size or await source.read(1)):
-            raise SourceChangedError("the file grew while it was being uploaded; try again")
+        send, receive = trio.open_memory_channel[_Encoding](ENCODE_AHEAD_SEGMENTS - 1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._encode_ahead, source, first, send, nursery)
+            async with receive:
+                async for encoding in receive:
+                    await encoding.done.wait()
+                    self._check_still_happy()
+                    blocks, hashes = encoding.result
+                    encoding.result = ([], [])
+                    await self.streams.send(dict(enumerate(blocks)), dict(enumerate(hashes)))
+                    offset += encoding.length
+                    if self.progress:
+                        self.progress(offset)
         hashers = self.streams.hashers
         roots = [hashers[j].finish() for j in range(self.n)]
         ueb = UEB(self.k, self.n, SEGMENT_SIZE, offset, HASH_CHUNK_LEAVES, share_roots_hash(roots))
@@ -123,6 +129,38 @@ class _Upload:
             {j: build_trailer_tail(bytes(hashers[j].chunk_roots), roots, ueb, j) for j in range(self.n)}
         )
         return ueb
+
+    async def _encode_ahead(
+        self,
+        source: ByteSource,
+        first: bytes,
+        send: trio.MemorySendChannel[_Encoding],
+        nursery: trio.Nursery,
+    ) -> None:
+        """Read the source a segment at a time and start encoding each in a thread; queue them in
+        order. The channel bounds how many are encoded ahead of the streams."""
+        async with send:
+            offset = 0
+            plaintext = first
+            while plaintext:
+                encoding = _Encoding(len(plaintext))
+                nursery.start_soon(self._encode, encoding, offset, plaintext)
+                await send.send(encoding)
+                offset += len(plaintext)
+                if len(plaintext) < SEGMENT_SIZE:
+                    break
+                want = SEGMENT_SIZE if self.size is None else min(SEGMENT_SIZE, self.size - offset)
+                plaintext = await read_exactly(source, want) if want else b""
+                if self.size is not None and len(plaintext) < want:
+                    raise SourceChangedError("the file shrank while it was being uploaded; try again")
+            if self.size is not None and (offset != self.size or await source.read(1)):
+                raise SourceChangedError("the file grew while it was being uploaded; try again")
+
+    async def _encode(self, encoding: _Encoding, offset: int, plaintext: bytes) -> None:
+        encoding.result = await trio.to_thread.run_sync(
+            encode_segment, self.key, offset, plaintext, self.k, self.n
+        )
+        encoding.done.set()
 
     async def run(self, source: ByteSource, first: bytes) -> FileCap:
         try:
