@@ -133,6 +133,7 @@ def test_plain_http_client_against_tls_nodes_fails_cleanly(tls_grid: LocalGrid, 
         proc = tls_grid.run(*args, input=os.urandom(5000), timeout=60)
         assert proc.returncode == 1, proc.stderr
         assert len(_stderr_lines(proc)) == 1, proc.stderr
+        assert b"use https://" in proc.stderr, proc.stderr
     # A raw plain request is answered by a closed connection at once, not a hang; the node lives on.
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{urls[0]}/v1/version", timeout=5, trust_env=False)

@@ -100,6 +100,11 @@ class NodeClient:
             return NodeError(self.name, f"{what}: timed out")
         if isinstance(exc, httpx.ConnectError):
             return NodeError(self.name, f"{what}: unreachable")
+        if isinstance(exc, httpx.RemoteProtocolError) and self.url.startswith("http://"):
+            # What a node serving HTTPS (--tls) does to a plain request: it hangs up without a word.
+            return NodeError(
+                self.name, f"{what}: the node hung up without an answer (if it runs with --tls, use https://)"
+            )
         if isinstance(exc, httpx.HTTPError):
             return NodeError(self.name, f"{what}: {type(exc).__name__}: {exc}".rstrip(": "))
         return NodeError(self.name, f"{what}: {exc}")
