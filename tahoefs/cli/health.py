@@ -138,7 +138,7 @@ async def check(
     target = _mount_target(text) or parse_target(text)
     printer = _Printer(as_json, deep)
     if isinstance(target.cap, LiteralCap) and not target.path:
-        printer.literal(text)
+        printer.literal(label(text))
         return True
     async with GridClient(config, secret) as grid:
         checker = Checker(grid, options, printer)
@@ -164,9 +164,19 @@ async def check(
     return checker.all_healthy and not counts["unreadable"]
 
 
+def label(text: str) -> str:
+    """How a TARGET is shown in results: a cap is cut to its kind and first characters (it is long and,
+    for a write cap, secret), followed by the path below it."""
+    if not text.startswith("tahoefs:"):
+        return text
+    cap, slash, rest = text.partition("/")
+    kind, _, body = cap.removeprefix("tahoefs:").partition(":v1:")
+    return f"tahoefs:{kind}:{body[:8]}…" + slash + rest
+
+
 async def _run(grid: GridClient, checker: Checker, printer: _Printer, target: Target, deep: bool) -> None:
     cap = target.cap
-    path = target.text
+    path = label(target.text)
     if target.path:
         parent = await open_dir(grid, target, target.path[:-1])
         entry = await parent.lookup(target.path[-1])
