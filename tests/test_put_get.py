@@ -187,3 +187,28 @@ def test_missing_grid_file_is_a_clear_usage_error(fresh_home: LocalGrid) -> None
     proc = fresh_home.run("put", "-", input=b"x" * 100)
     assert proc.returncode == 2
     assert b"grid up" in proc.stderr and b"Traceback" not in proc.stderr
+
+
+def test_get_into_a_device_or_a_fifo_writes_into_it_and_leaves_it_in_place(grid: LocalGrid, tmp_path) -> None:
+    """`-o /dev/null` must not rename a downloaded file over the device (it once did: /dev/null became a
+    regular file). Tested on a private null device and a FIFO, never on the real /dev/null."""
+    import stat
+    import threading
+
+    data = os.urandom(300_000)
+    cap = grid.put_bytes(data)
+    null = tmp_path / "null"
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    grid.run("get", cap, "-o", str(null), check=True)
+    assert stat.S_ISCHR(null.stat().st_mode)
+    assert not (tmp_path / "null.part").exists()
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    grid.run("get", cap, "-o", str(fifo), check=True)
+    reader.join(timeout=30)
+    assert received == [data]
+    assert stat.S_ISFIFO(fifo.stat().st_mode)

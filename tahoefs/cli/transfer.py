@@ -59,15 +59,18 @@ async def get(config: GridConfig, secret: bytes, src: str, output: str | None) -
     """Download `src` to `output` (stdout when None). Returns the problems seen with nodes.
 
     With an output file, bytes go to OUTPUT.part, renamed over OUTPUT only when every byte was read and
-    verified; on failure the partial file is removed."""
+    verified; on failure the partial file is removed. An OUTPUT that exists and is not a regular file
+    (/dev/null, a FIFO, a terminal) is written directly: renaming over it would replace the device."""
     cap = _readable_cap(src)
+    part: Path | None = None
     if output is not None:
         target = Path(output)
         if target.is_dir():
             raise UsageError(f"{output} is a directory; -o takes a file name")
-        part = target.with_name(target.name + ".part")
+        special = target.exists() and not target.is_file()
+        part = None if special else target.with_name(target.name + ".part")
         try:
-            raw = open(part, "wb")  # noqa: SIM115
+            raw = open(part or target, "wb")  # noqa: SIM115
         except OSError as exc:
             raise UsageError(f"cannot write {output}: {exc.strerror}") from None
     else:
@@ -100,9 +103,9 @@ async def get(config: GridConfig, secret: bytes, src: str, output: str | None) -
         progress.finish()
         if output is not None:
             raw.close()
-            if ok:
+            if part is not None and ok:
                 os.replace(part, target)
-            else:
+            elif part is not None:
                 with contextlib.suppress(FileNotFoundError):
                     part.unlink()
     return problems
