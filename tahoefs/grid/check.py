@@ -125,31 +125,6 @@ def matching(holders: dict[int, list[NodeClient]]) -> dict[int, str]:
 
 
 # -- immutable files ---------------------------------------------------------------------------------
-async def locate_everywhere(grid: GridClient, reader: FileReader) -> list[str]:
-    """Ask every node (not just until k shares are known) which shares of the reader's file it holds;
-    set `reader.sources` to all of them. Returns one problem line per node that did not answer."""
-    found: list[ShareSource] = []
-    problems: list[str] = []
-    async with trio.open_nursery() as nursery:
-        for node in grid.permuted_nodes(reader.si):
-
-            async def ask(node: NodeClient = node) -> None:
-                try:
-                    with trio.fail_after(grid.stall_timeout):
-                        held = await node.list_shares(reader.si)
-                except trio.TooSlowError:
-                    problems.append(f"node {node.name}: did not answer in time")
-                    return
-                except NodeError as exc:
-                    problems.append(f"node {node.name}: {exc.reason}")
-                    return
-                found.extend(ShareSource(node, num) for num in held if num < reader.n)
-
-            nursery.start_soon(ask)
-    reader.sources = found
-    return problems
-
-
 @dataclass
 class Located:
     """Where the shares of many files are: what one batch of questions to every node found."""
@@ -195,18 +170,15 @@ async def check_file(
 ) -> tuple[Health, FileReader]:
     """The health of an immutable file. With `verify`, every share is read whole and checked block by
     block (shares verified at once are bounded by `limiter`, each holding VERIFY_RANGE_BYTES at most).
-    `located` (from locate_many) saves asking the nodes again. Returns the health and the reader (its
-    sources are every share found; repair reuses it). Never raises for node trouble: that is what the
-    health reports."""
+    `located` (from locate_many for many files at once) saves asking every node about this one.
+    Returns the health and the reader (its sources are every share found; repair reuses it). Never
+    raises for node trouble: that is what the health reports."""
     reader = FileReader(grid, cap)
     health = Health(kind, str(cap), cap.needed, cap.total, verified=verify)
-    if located is None:
-        health.problems = await locate_everywhere(grid, reader)
-    else:
-        held = located.held.get(cap.storage_index, [])
-        reader.sources = [ShareSource(node, num) for node, num in held if num < reader.n]
-        health.problems = list(located.problems)
-    assert reader.sources is not None
+    located = located or await locate_many(grid, [cap.storage_index])
+    held = located.held.get(cap.storage_index, [])
+    reader.sources = [ShareSource(node, num) for node, num in held if num < reader.n]
+    health.problems = list(located.problems)
     limiter = limiter or trio.CapacityLimiter(VERIFY_PARALLEL_SHARES)
 
     async def judge(src: ShareSource) -> None:

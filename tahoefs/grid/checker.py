@@ -148,7 +148,7 @@ class Checker:
         for ref in buckets:
             cap = _bucket_cap(ref)
             if cap is not None:
-                await self.file(cap, f"{path} (entries {ref.lo:016x})", kind="bucket")
+                await self.file(cap, _bucket_label(path, ref), kind="bucket")
 
     # -- a tree ----------------------------------------------------------------------------------
     async def walk(self, root: Directory, root_path: str) -> None:
@@ -213,7 +213,7 @@ class Checker:
         for ref in buckets:
             cap = _bucket_cap(ref)
             if cap is not None:
-                await send.send((cap, f"{path} (entries {ref.lo:016x})", "bucket"))
+                await send.send((cap, _bucket_label(path, ref), "bucket"))
 
         async def sink(entries: list[Entry]) -> None:
             for entry in entries:
@@ -272,6 +272,10 @@ def _discount(health: Health, corrupt: list[Corrupt]) -> None:
             health.corrupt.append(bad)
             if not nodes:
                 del health.holders[bad.num]
+
+
+def _bucket_label(path: str, ref: BucketRef) -> str:
+    return f"{path} (entries {ref.lo:016x})"
 
 
 def _bucket_cap(ref: BucketRef) -> VerifyCap | None:
