@@ -39,21 +39,31 @@ class GridClient:
         # at its first request); see grid/pinning.py.
         tls = ssl.create_default_context()
         limits = httpx.Limits(max_connections=CONNECTIONS_PER_NODE, max_keepalive_connections=8)
+        transports = [
+            node_transport(node.url, node.fingerprint, node.url, tls, limits, NODE_CONNECT_TIMEOUT)
+            for node in self.config.nodes
+        ]
         self._pools = [
             httpx.AsyncClient(
                 verify=tls,
                 timeout=httpx.Timeout(self.stall_timeout, connect=NODE_CONNECT_TIMEOUT),
                 limits=limits,
                 trust_env=False,
-                transport=node_transport(
-                    node.url, node.fingerprint, node.url, tls, limits, NODE_CONNECT_TIMEOUT
-                ),
+                transport=transport,
             )
-            for node in self.config.nodes
+            for transport in transports
         ]
         self.nodes = [
-            NodeClient(pool, node.url, node.token, node.placement_id, name=node.url, stats=self.stats)
-            for pool, node in zip(self._pools, self.config.nodes, strict=True)
+            NodeClient(
+                pool,
+                node.url,
+                node.token,
+                node.placement_id,
+                name=node.url,
+                stats=self.stats,
+                transport=transport,
+            )
+            for pool, node, transport in zip(self._pools, self.config.nodes, transports, strict=True)
         ]
         return self
 

@@ -27,13 +27,13 @@ PIN_RETRY_SECONDS = 60.0
 
 def node_transport(
     url: str, pin: str, name: str, verify: ssl.SSLContext, limits: httpx.Limits, connect_timeout: float
-) -> httpx.AsyncBaseTransport | None:
-    """The transport of one node's pool; None (httpx's default, with `verify`) for a plain-HTTP node."""
+) -> httpx.AsyncBaseTransport:
+    """The transport of one node's pool: httpx's own for a plain-HTTP node."""
     if pin:
         return PinnedTransport(url, pin, name, limits, connect_timeout)
     if url.lower().startswith("https://"):
         return CATransport(name, verify=verify, limits=limits)
-    return None
+    return httpx.AsyncHTTPTransport(limits=limits)
 
 
 class CATransport(httpx.AsyncHTTPTransport):
