@@ -318,7 +318,7 @@ class IncomingShare:
         self.si = si
         self.num = num
         self.tmp_path = store.incoming_dir / f"{si}.{num}.{secrets.token_hex(8)}.tmp"
-        self.file = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in commit/discard
+        self.file = open(self.tmp_path, "w+b")  # noqa: SIM115 - closed in commit/discard; read back by pread
         self.file.write(struct.pack(NODE_HEADER_FORMAT, NODE_HEADER_MAGIC, 1, secret_digest(secret), b""))
         self.length = 0
         self._since_check = 0
@@ -344,9 +344,7 @@ class IncomingShare:
         except OSError as exc:
             raise _disk_error(exc) from None
         tail_len = min(self.length, 64)
-        with open(self.tmp_path, "rb") as f:
-            f.seek(NODE_HEADER_SIZE + self.length - tail_len)
-            check_tail(f.read(tail_len))
+        check_tail(os.pread(self.file.fileno(), tail_len, NODE_HEADER_SIZE + self.length - tail_len))
         try:
             self.file.flush()
             os.fsync(self.file.fileno())
