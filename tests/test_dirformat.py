@@ -18,8 +18,11 @@ from tahoefs.formats.dirformat import (
     BucketRef,
     Entry,
     decode_bucket,
+    decode_own,
     decode_root,
+    decode_root_own,
     encode_bucket,
+    encode_own,
     encode_root,
     seal_write_cap,
     split_entries,
@@ -89,6 +92,22 @@ def test_root_round_trip_and_ordering_rules() -> None:
         decode_root(encode_root([refs[1], refs[0]]))  # out of order
     with pytest.raises(ValueError):
         decode_root(encode_root([BucketRef(5, 0, inline=b"\0\0\0\0")]))  # does not start at 0
+
+
+def test_root_carries_its_own_attributes_in_version_2_and_version_1_has_none() -> None:
+    refs = [BucketRef(0, 0, inline=encode_bucket([]))]
+    own = Entry(b"", KIND_DIR, 0o700, 1000, 100, 0, 1_600_000_000_000_000_001, 2, xattrs={b"user.k": b"v"})
+    v1, v2 = encode_root(refs), encode_root(refs, own)
+    assert v1[6] == 1 and v2[6] == 2
+    assert decode_root_own(v1) == (refs, None)
+    assert decode_root_own(v2) == (refs, own)
+    assert decode_root(v2) == refs
+    assert decode_own(encode_own(own)) == own
+    for cut in range(len(v1), len(v2)):  # an OWN part cut anywhere is refused
+        with pytest.raises(ValueError):
+            decode_root_own(v2[:cut])
+    with pytest.raises(ValueError):
+        decode_root_own(v2 + b"\0")
 
 
 def test_split_makes_ordered_buckets_holding_every_entry() -> None:

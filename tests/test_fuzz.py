@@ -45,6 +45,7 @@ from tahoefs.formats.dirformat import (
     check_name,
     decode_bucket,
     decode_root,
+    decode_root_own,
     encode_bucket,
     encode_root,
     seal_write_cap,
@@ -385,6 +386,26 @@ def _check_root(refs: list[BucketRef]) -> None:
     for ref in refs:
         if ref.inline is None:
             assert ref.cap.isascii() and len(ref.cap) <= 1024
+
+
+@FUZZ
+@given(st.data())
+def test_a_root_with_own_attributes_flipped_or_cut_raises_only_valueerror(data: st.DataObject) -> None:
+    """Version 2 roots (the tree root's own mode, owner, times, xattrs after the references): any byte
+    flipped or any cut gives a clean ValueError or a root within the limits."""
+    xattrs = data.draw(st.dictionaries(st.binary(min_size=1, max_size=8), st.binary(max_size=40), max_size=3))
+    own = Entry(b"", KIND_DIR, 0o700, 1, 2, 0, 3, 4, xattrs=xattrs)
+    blob = bytearray(encode_root([BucketRef(0, 0, inline=encode_bucket([]))], own))
+    if data.draw(st.booleans()):
+        blob[data.draw(st.integers(0, len(blob) - 1))] ^= data.draw(st.integers(1, 255))
+    else:
+        del blob[data.draw(st.integers(0, len(blob) - 1)) :]
+    try:
+        _buckets, got = decode_root_own(bytes(blob))
+    except ValueError as exc:
+        event(str(exc))
+        return
+    assert got is None or len(got.xattrs) <= 128
 
 
 @FUZZ

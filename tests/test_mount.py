@@ -89,6 +89,43 @@ def test_tree_reads_back_from_a_fresh_home_with_only_grid_file_and_root_cap(moun
         other.run("umount", str(mnt2))
 
 
+def test_the_roots_own_mode_owner_times_and_xattrs_are_kept(mounted, tmp_path: Path) -> None:
+    """The root has no parent entry to hold its metadata: it travels in the root directory itself, so
+    `chmod 700` of a mount point shared with --allow-other, or `rsync -a src/ mnt/`, lasts."""
+    grid, mnt, root = mounted
+    os.chmod(mnt, 0o750)
+    os.chown(mnt, 1234, 5678)
+    os.utime(mnt, ns=(1_500_000_000_000_000_007, 1_500_000_000_000_000_007))
+    os.setxattr(mnt, "user.purpose", b"backups")
+    (mnt / "f").write_text("x")  # an entry change in the same directory keeps them
+
+    def check(where: Path) -> None:
+        st_ = os.stat(where)
+        assert stat.S_IMODE(st_.st_mode) == 0o750
+        assert (st_.st_uid, st_.st_gid) == (1234, 5678)
+        assert st_.st_mtime_ns == 1_500_000_000_000_000_007
+        assert os.getxattr(where, "user.purpose") == b"backups"
+        assert os.listdir(where) == ["f"]
+
+    check(mnt)
+    grid.run("umount", str(mnt), check=True)
+    grid.run("mount", root, str(mnt), check=True)
+    check(mnt)
+    other = LocalGrid(tmp_path / "other-home")  # a home with only the grid file and the cap
+    other.home.mkdir()
+    shutil.copy(grid.home / "grid.toml", other.home / "grid.toml")
+    mnt2 = tmp_path / "mnt2"
+    mnt2.mkdir()
+    other.run("mount", root, str(mnt2), "--read-only", check=True)
+    try:
+        check(mnt2)
+        with pytest.raises(OSError) as excinfo:
+            os.chmod(mnt2, 0o700)
+        assert excinfo.value.errno == 30  # EROFS
+    finally:
+        other.run("umount", str(mnt2))
+
+
 def test_edits_append_overwrite_truncate_rename_move(mounted) -> None:
     _grid, mnt, _root = mounted
     f = mnt / "f.bin"

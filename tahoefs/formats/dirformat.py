@@ -5,8 +5,11 @@ whose hash falls in [lo_i, lo_{i+1}). A small bucket lives inside the root; a la
 file whose read cap the root holds, so adding one entry to a huge directory rewrites one bucket and the
 small root, not every entry. Byte layouts (all big-endian) are in docs/formats.md.
 
-    ROOT    "TFDIR1" u8 1, u32 bucket count, then per bucket:
-            u64 lo, u32 entry count, u8 storage (0 inline, 1 cap), u32 length, bytes (bucket or cap)
+    ROOT    "TFDIR1" u8 version (1, or 2 with OWN), u32 bucket count, then per bucket:
+            u64 lo, u32 entry count, u8 storage (0 inline, 1 cap), u32 length, bytes (bucket or cap);
+            version 2 only: u32 length + OWN
+    OWN     the directory's own attributes, for a directory no parent entry describes (a tree's root):
+            u32 mode, u32 uid, u32 gid, q mtime ns, q ctime ns, u16 xattr count, xattrs as in ENTRY
     BUCKET  u32 entry count, then entries sorted by (name hash, name)
     ENTRY   u16 name length, name, u8 kind, u32 mode, u32 uid, u32 gid, u64 size,
             q mtime ns, q ctime ns, u16 + cap (file read cap / child dir read cap, ASCII),
@@ -88,11 +91,8 @@ class Entry:
             self.inline,
             struct.pack(">H", len(self.target)),
             self.target,
-            struct.pack(">H", len(self.xattrs)),
+            *_encode_xattrs(self.xattrs),
         ]
-        for key in sorted(self.xattrs):
-            value = self.xattrs[key]
-            parts += [struct.pack(">B", len(key)), key, struct.pack(">I", len(value)), value]
         return b"".join(parts)
 
 
@@ -121,6 +121,42 @@ class _Reader:
         return self.pos == len(self.data)
 
 
+def _encode_xattrs(xattrs: dict[bytes, bytes]) -> list[bytes]:
+    parts = [struct.pack(">H", len(xattrs))]
+    for key in sorted(xattrs):
+        value = xattrs[key]
+        parts += [struct.pack(">B", len(key)), key, struct.pack(">I", len(value)), value]
+    return parts
+
+
+def _read_xattrs(r: _Reader) -> dict[bytes, bytes]:
+    (count,) = r.unpack(">H")
+    if count > MAX_XATTRS_PER_ENTRY:
+        raise ValueError("too many xattrs")
+    xattrs = {}
+    for _ in range(count):
+        key = r.blob(">B", MAX_XATTR_NAME)
+        xattrs[key] = r.blob(">I", MAX_XATTR_VALUE)
+    return xattrs
+
+
+def encode_own(own: Entry) -> bytes:
+    """A directory's own attributes (mode, owner, times, xattrs) as ROOT version 2 carries them; the
+    entry's name, size and content fields are not part of it."""
+    head = struct.pack(">IIIqq", own.mode, own.uid, own.gid, own.mtime_ns, own.ctime_ns)
+    return b"".join([head, *_encode_xattrs(own.xattrs)])
+
+
+def decode_own(data: bytes) -> Entry:
+    """The inverse of encode_own: an Entry of kind KIND_DIR with an empty name. Raises ValueError."""
+    r = _Reader(data)
+    mode, uid, gid, mtime, ctime = r.unpack(">IIIqq")
+    xattrs = _read_xattrs(r)
+    if not r.done():
+        raise ValueError("trailing bytes after a directory's own attributes")
+    return Entry(b"", KIND_DIR, mode, uid, gid, 0, mtime, ctime, xattrs=xattrs)
+
+
 def _read_entry(r: _Reader) -> Entry:
     name = r.blob(">H", MAX_NAME)
     check_name(name)
@@ -133,13 +169,7 @@ def _read_entry(r: _Reader) -> Entry:
     sealed = r.blob(">H", 1024)
     inline = r.blob(">I", INLINE_FILE_MAX)
     target = r.blob(">H", MAX_TARGET)
-    (count,) = r.unpack(">H")
-    if count > MAX_XATTRS_PER_ENTRY:
-        raise ValueError("too many xattrs")
-    xattrs = {}
-    for _ in range(count):
-        key = r.blob(">B", MAX_XATTR_NAME)
-        xattrs[key] = r.blob(">I", MAX_XATTR_VALUE)
+    xattrs = _read_xattrs(r)
     return Entry(name, kind, mode, uid, gid, size, mtime, ctime, cap.decode(), sealed, inline, target, xattrs)
 
 
@@ -171,23 +201,33 @@ class BucketRef:
     cap: str = ""
 
 
-def encode_root(buckets: list[BucketRef]) -> bytes:
-    parts = [ROOT_MAGIC, struct.pack(">BI", 1, len(buckets))]
+def encode_root(buckets: list[BucketRef], own: Entry | None = None) -> bytes:
+    """A root listing `buckets`; version 2 with the directory's `own` attributes, version 1 without."""
+    parts = [ROOT_MAGIC, struct.pack(">BI", 1 if own is None else 2, len(buckets))]
     for b in buckets:
         if b.inline is not None:
             parts += [struct.pack(">QIBI", b.lo, b.count, 0, len(b.inline)), b.inline]
         else:
             cap = b.cap.encode("ascii")
             parts += [struct.pack(">QIBI", b.lo, b.count, 1, len(cap)), cap]
+    if own is not None:
+        encoded = encode_own(own)
+        parts += [struct.pack(">I", len(encoded)), encoded]
     return b"".join(parts)
 
 
 def decode_root(data: bytes) -> list[BucketRef]:
+    """The bucket references of a root (either version). Raises ValueError."""
+    return decode_root_own(data)[0]
+
+
+def decode_root_own(data: bytes) -> tuple[list[BucketRef], Entry | None]:
+    """The bucket references of a root and, for version 2, the directory's own attributes."""
     r = _Reader(data)
     if r.take(len(ROOT_MAGIC)) != ROOT_MAGIC:
         raise ValueError("not a tahoefs directory")
     version, count = r.unpack(">BI")
-    if version != 1 or count == 0 or count > len(data):
+    if version not in (1, 2) or count == 0 or count > len(data):
         raise ValueError("bad directory header")
     buckets = []
     for _ in range(count):
@@ -199,11 +239,12 @@ def decode_root(data: bytes) -> list[BucketRef]:
             buckets.append(BucketRef(lo, entries, cap=body.decode()))
         else:
             raise ValueError("bad bucket reference")
+    own = decode_own(r.blob(">I", len(data))) if version == 2 else None
     if not r.done():
         raise ValueError("trailing bytes after the buckets")
     if buckets[0].lo != 0 or any(a.lo >= b.lo for a, b in itertools.pairwise(buckets)):
         raise ValueError("bucket ranges are not ordered")
-    return buckets
+    return buckets, own
 
 
 def bucket_index(buckets: list[BucketRef], name: bytes) -> int:

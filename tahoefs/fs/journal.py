@@ -9,7 +9,9 @@ journal left by a crashed one before it serves. Records are idempotent (set / re
 torn last line from a crash is ignored.
 
 Record: one JSON line {"dir": DIR WRITE CAP, "name": b64, "entry": b64(Entry.encode()) or null,
-"drop": [file caps whose shares go once this is on the grid]}.
+"drop": [file caps whose shares go once this is on the grid]}, or {"dir": DIR WRITE CAP, "own":
+b64(encode_own(...))} for the directory's own attributes (the tree root's mode, owner, times, xattrs),
+kept among the pending changes under the name OWN, which no entry can have.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from pathlib import Path
 import trio
 
 from tahoefs.errors import TahoefsError, UsageError
-from tahoefs.formats.dirformat import Entry, decode_bucket, encode_bucket
+from tahoefs.formats.dirformat import Entry, decode_bucket, decode_own, encode_bucket, encode_own
 
 log = logging.getLogger("tahoefs.journal")
 FLUSH_DELAY = 2.0  # seconds changes wait to be batched with others (they are durable meanwhile)
 RETRY_DELAY = 2.0
+OWN = b""  # the pending-changes key of a directory's own attributes (no entry name is empty)
 
 
 def encode_entry_b64(entry: Entry) -> str:
@@ -92,6 +95,14 @@ class Journal:
         os.fdatasync(self.fd)
         self._note(dir_cap, name, entry, drop or [])
 
+    def record_own(self, dir_cap: str, own: Entry) -> None:
+        """Durably note the directory's new own attributes (mode, owner, times, xattrs of `own`)."""
+        encoded = base64.b64encode(encode_own(own)).decode()
+        own = decode_own(base64.b64decode(encoded))  # our own copy, proven to decode
+        os.write(self.fd, (json.dumps({"dir": dir_cap, "own": encoded}) + "\n").encode())
+        os.fdatasync(self.fd)
+        self._note(dir_cap, OWN, own, [])
+
     def _note(self, dir_cap: str, name: bytes, entry: Entry | None, drop: list[str]) -> None:
         if entry is not None and entry.name != name:
             raise ValueError("journal entry name mismatch")
@@ -111,7 +122,8 @@ class Journal:
         return True, changes[name]
 
     def overlay(self, dir_cap: str) -> dict[bytes, Entry | None]:
-        return self.pending.get(dir_cap, {})
+        """Pending entry changes of `dir_cap` (not its own attributes)."""
+        return {name: e for name, e in self.pending.get(dir_cap, {}).items() if name != OWN}
 
     def count(self) -> int:
         return sum(len(c) for c in self.pending.values())
@@ -127,8 +139,11 @@ class Journal:
                     if not raw.endswith(b"\n"):
                         raise ValueError("torn")
                     line = json.loads(raw)
-                    entry = None if line["entry"] is None else decode_entry_b64(line["entry"])
-                    self._note(line["dir"], base64.b64decode(line["name"]), entry, list(line["drop"]))
+                    if "own" in line:
+                        self._note(line["dir"], OWN, decode_own(base64.b64decode(line["own"])), [])
+                    else:
+                        entry = None if line["entry"] is None else decode_entry_b64(line["entry"])
+                        self._note(line["dir"], base64.b64decode(line["name"]), entry, list(line["drop"]))
                     found += 1
                     good_end += len(raw)
                 except (ValueError, KeyError, TypeError):

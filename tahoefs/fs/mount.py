@@ -121,7 +121,9 @@ async def serve(request: MountRequest, ready: Callable[[], None]) -> None:
         await root.count()  # fails fast (NotEnoughSharesError) when the grid cannot give the root
         read_only = read_only or not root.writable
         now = time.time_ns()
-        root_entry = Entry(b"", KIND_DIR, 0o755, os.getuid(), os.getgid(), 0, now, now)
+        # The root's mode, owner, times and xattrs as a mount set them; a root never changed shows
+        # as the mounting user's, 0755.
+        root_entry = await root.own() or Entry(b"", KIND_DIR, 0o755, os.getuid(), os.getgid(), 0, now, now)
         fs = TahoeFS(grid, root, root_entry, home / "spool", read_only)
         # default_permissions: the kernel checks modes and owners (what makes allow_other safe on a
         # shared machine); pyfuse3's defaults hold it too, but it must not depend on them

@@ -44,7 +44,7 @@ from tahoefs.formats.dirformat import (
     unseal_write_cap,
 )
 from tahoefs.fs.inodes import ROOT_INODE, Inode, InodeTable, attributes
-from tahoefs.fs.journal import Journal, decode_entry_b64, encode_entry_b64
+from tahoefs.fs.journal import OWN, Journal, decode_entry_b64, encode_entry_b64
 from tahoefs.fs.readcache import ReadCache
 from tahoefs.fs.spool import CHUNK, Spool, file_source, leftovers
 from tahoefs.grid.client import GridClient
@@ -134,7 +134,10 @@ class TahoeFS(pyfuse3.Operations):
             cap = parse_cap(dir_cap)
             assert isinstance(cap, DirWriteCap)
             directory = self.dirs[dir_cap] = Directory(self.grid, cap)
-        await directory.modify_many({name: (lambda _old, e=e: e) for name, e in changes.items()})
+        own = changes.get(OWN)  # the root's own attributes, carried by the directory itself
+        await directory.modify_many(
+            {name: (lambda _old, e=e: e) for name, e in changes.items() if name != OWN}, own=own
+        )
 
     async def drop_caps(self, caps: list[str]) -> None:
         """Delete the shares of files no directory refers to any more (their change is on the grid)."""
@@ -213,8 +216,15 @@ class TahoeFS(pyfuse3.Operations):
         return fh
 
     async def _publish(self, node: Inode, entry: Entry) -> None:
-        """Record `entry` for `node` in its parent directory (replacing what was there)."""
-        self._record(self.table[node.parent], node.name, entry)
+        """Record `entry` for `node` in its parent directory (replacing what was there); for the root,
+        which has no parent, as the root directory's own attributes."""
+        if node.ino == ROOT_INODE:
+            directory = self._dir(node)
+            if not isinstance(directory.cap, DirWriteCap) or self.journal is None:
+                raise ReadOnlyError("this directory is read-only")
+            self.journal.record_own(str(directory.cap), entry)
+        else:
+            self._record(self.table[node.parent], node.name, entry)
         node.entry = entry
 
     def _error(self, text: str) -> None:
@@ -430,8 +440,6 @@ class TahoeFS(pyfuse3.Operations):
         self._writable()
         with _errno():
             node = self.table[inode]
-            if node.ino == ROOT_INODE:
-                return attributes(node)  # the root's own metadata lives nowhere on the grid
             entry = copy.deepcopy(node.entry)
             now = time.time_ns()
             if fields.update_mode:
@@ -531,8 +539,6 @@ class TahoeFS(pyfuse3.Operations):
     async def _change_xattrs(self, inode: int, change) -> None:
         with _errno():
             node = self.table[inode]
-            if node.ino == ROOT_INODE:
-                raise pyfuse3.FUSEError(errno.ENOTSUP)
             entry = copy.deepcopy(node.entry)
             change(entry.xattrs)
             entry.ctime_ns = time.time_ns()

@@ -8,6 +8,7 @@ writer published first, so concurrent writers never drop each other's work.
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 from collections import OrderedDict
@@ -37,7 +38,7 @@ from tahoefs.formats.dirformat import (
     bucket_index,
     check_name,
     decode_bucket,
-    decode_root,
+    decode_root_own,
     encode_bucket,
     encode_root,
     name_hash,
@@ -66,6 +67,7 @@ class Directory:
         self.cap = cap
         self.obj = MutableObject(grid, cap)
         self._cached: tuple[Version, list[BucketRef], float] | None = None
+        self._own: Entry | None = None  # the cached version's own attributes (a tree's root only)
         self._bucket_bytes: OrderedDict[str, bytes] = OrderedDict()
 
     @property
@@ -81,7 +83,7 @@ class Directory:
         """A new, empty directory, published on the grid (at least a quorum of nodes)."""
         directory = cls(grid, DirWriteCap(os.urandom(32)))
         version = await directory.obj.publish(EMPTY_ROOT, None)
-        directory._cached = (version, decode_root(EMPTY_ROOT), trio.current_time())
+        directory._cached = (version, decode_root_own(EMPTY_ROOT)[0], trio.current_time())
         return directory
 
     # -- reading ---------------------------------------------------------------------------------
@@ -94,16 +96,23 @@ class Directory:
             return self._cached[0], self._cached[1]
         version = await self.obj.retrieve()
         try:
-            buckets = decode_root(version.plaintext)
+            buckets, own = decode_root_own(version.plaintext)
         except ValueError as exc:
             raise IntegrityError("directory", f"signed directory does not parse: {exc}") from None
         self._cached = (version, buckets, now)
+        self._own = own
         return version, buckets
 
     async def load(self) -> tuple[Version, list[BucketRef]]:
         """Read the current version afresh (with the nodes that hold it) and its bucket index; later
         reads within FRESH_SECONDS use it. Raises NotEnoughSharesError or IntegrityError."""
         return await self._load(fresh=True)
+
+    async def own(self) -> Entry | None:
+        """The directory's own attributes (mode, owner, times, xattrs) if it carries them: only a
+        tree's root does, as nothing else describes it. None if it never had any set."""
+        await self._load()
+        return None if self._own is None else copy.deepcopy(self._own)
 
     async def _bucket(self, ref: BucketRef) -> list[Entry]:
         if ref.inline is not None:
@@ -211,8 +220,12 @@ class Directory:
         raise (e.g. EntryExistsError) to abort. See modify_many for the guarantees."""
         return (await self.modify_many({name: change}))[name]
 
-    async def modify_many(self, changes: dict[bytes, Change]) -> dict[bytes, Entry | None]:
-        """Apply several changes in one new version; returns {name: old entry}.
+    async def modify_many(
+        self, changes: dict[bytes, Change], own: Entry | None = None
+    ) -> dict[bytes, Entry | None]:
+        """Apply several changes in one new version; returns {name: old entry}. With `own`, that
+        version also carries these as the directory's own attributes (see `own()`); without, it keeps
+        the ones it had.
 
         On a conflict with another writer the whole read-change-publish runs again on the new version
         (the changes are called again), up to MAX_ATTEMPTS times. Costs the root plus each touched
@@ -224,6 +237,7 @@ class Directory:
             check_name(name)
         for attempt in range(MAX_ATTEMPTS):
             version, buckets = await self._load(fresh=attempt > 0)
+            new_own = own if own is not None else self._own  # the own attributes `version` has
             by_bucket: dict[int, list[bytes]] = {}
             for name in changes:
                 by_bucket.setdefault(bucket_index(buckets, name), []).append(name)
@@ -261,13 +275,14 @@ class Directory:
                 # An emptied bucket disappears: the previous bucket's range then covers it.
                 new_buckets += replaced.get(index, [ref])
             try:
-                published = await self.obj.publish(encode_root(new_buckets), version)
+                published = await self.obj.publish(encode_root(new_buckets, new_own), version)
             except ConflictError:
                 # Our losing version may still sit on some nodes and name these buckets: they are
                 # not deleted (garbage collection, planned, reclaims them). Nor after other failures.
                 await trio.sleep(random.uniform(0, 0.05 * (attempt + 1)))
                 continue
             self._cached = (published, new_buckets, trio.current_time())
+            self._own = new_own
             await self._forget([buckets[i].cap for i in replaced if buckets[i].cap])
             return olds
         raise GridError(f"gave up changing the directory after {MAX_ATTEMPTS} conflicting writers")
