@@ -33,7 +33,7 @@ def node_transport(
         return PinnedTransport(url, pin, name, limits, connect_timeout)
     if url.lower().startswith("https://"):
         return CATransport(name, verify=verify, limits=limits)
-    return httpx.AsyncHTTPTransport(limits=limits)
+    return httpx.AsyncHTTPTransport(verify=verify, limits=limits)  # the shared context: one CA store load
 
 
 class CATransport(httpx.AsyncHTTPTransport):
