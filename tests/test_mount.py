@@ -124,6 +124,26 @@ def test_the_roots_own_mode_owner_times_and_xattrs_are_kept(mounted, tmp_path: P
         assert excinfo.value.errno == 30  # EROFS
     finally:
         other.run("umount", str(mnt2))
+    # The root keeps its xattrs inside its own version, so they get less room than an entry's.
+    with pytest.raises(OSError) as excinfo:
+        for i in range(8):
+            os.setxattr(mnt, f"user.big{i}", os.urandom(60_000))
+    assert excinfo.value.errno == 28  # ENOSPC
+    assert os.getxattr(mnt, "user.purpose") == b"backups"
+
+
+def test_a_root_chmod_journaled_before_a_crash_shows_after_the_next_mount(mounted) -> None:
+    import json
+    import signal
+
+    grid, mnt, root = mounted
+    os.chmod(mnt, 0o711)  # durable in the journal when chmod returns; the daemon dies before a push
+    state = next((grid.home / "mounts").glob("*[0-9a-f].json"))
+    os.kill(json.loads(state.read_text())["pid"], signal.SIGKILL)
+    subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+    state.unlink(missing_ok=True)
+    grid.run("mount", root, str(mnt), check=True)
+    assert stat.S_IMODE(os.stat(mnt).st_mode) == 0o711
 
 
 def test_edits_append_overwrite_truncate_rename_move(mounted) -> None:

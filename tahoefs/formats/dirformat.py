@@ -44,6 +44,9 @@ BUCKET_SPLIT_BYTES = 32 * 1024  # a bucket over this size is split into pieces o
 # its limit, framing) and so the largest bucket: an entry alone cannot be split. Readers refuse more.
 MAX_ENTRY_BYTES = 64 * 1024 + MAX_TARGET + MAX_XATTRS_PER_ENTRY * (4 + MAX_XATTR_NAME + MAX_XATTR_VALUE)
 MAX_BUCKET_BYTES = BUCKET_SPLIT_BYTES + MAX_ENTRY_BYTES
+# A directory's own attributes (OWN, in its root) encode to at most this: they share the root's 1 MiB
+# with the bucket references, so a root's xattrs are held to far less than an entry's.
+OWN_MAX_BYTES = 256 * 1024
 ROOT_MAGIC = b"TFDIR1"
 HASH_SPACE = 1 << 64
 
@@ -144,7 +147,10 @@ def encode_own(own: Entry) -> bytes:
     """A directory's own attributes (mode, owner, times, xattrs) as ROOT version 2 carries them; the
     entry's name, size and content fields are not part of it."""
     head = struct.pack(">IIIqq", own.mode, own.uid, own.gid, own.mtime_ns, own.ctime_ns)
-    return b"".join([head, *_encode_xattrs(own.xattrs)])
+    encoded = b"".join([head, *_encode_xattrs(own.xattrs)])
+    if len(encoded) > OWN_MAX_BYTES:
+        raise ValueError(f"a directory's own attributes over {OWN_MAX_BYTES} bytes")
+    return encoded
 
 
 def decode_own(data: bytes) -> Entry:
@@ -239,7 +245,7 @@ def decode_root_own(data: bytes) -> tuple[list[BucketRef], Entry | None]:
             buckets.append(BucketRef(lo, entries, cap=body.decode()))
         else:
             raise ValueError("bad bucket reference")
-    own = decode_own(r.blob(">I", len(data))) if version == 2 else None
+    own = decode_own(r.blob(">I", OWN_MAX_BYTES)) if version == 2 else None
     if not r.done():
         raise ValueError("trailing bytes after the buckets")
     if buckets[0].lo != 0 or any(a.lo >= b.lo for a, b in itertools.pairwise(buckets)):

@@ -211,6 +211,9 @@ class Journal:
                 except TahoefsError as exc:
                     log.error("journal flush failed: %s", exc)
                     await trio.sleep(RETRY_DELAY)
+                except Exception as exc:  # not the grid: retrying will not help; the journal keeps it
+                    log.error("journal flush failed: %s", exc, exc_info=True)
+                    break
         if not self.pending:
             self._truncate()
 

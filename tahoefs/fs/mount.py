@@ -9,6 +9,7 @@ ID.status.json (uploads in flight, pending saves, recent errors), refreshed ever
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import errno
 import hashlib
@@ -29,7 +30,8 @@ from tahoefs.errors import TahoefsError, UsageError
 from tahoefs.formats.caps import DirReadCap, DirWriteCap
 from tahoefs.formats.dirformat import KIND_DIR, Entry
 from tahoefs.formats.hashing import b32encode
-from tahoefs.fs.journal import Journal
+from tahoefs.fs.inodes import ROOT_INODE
+from tahoefs.fs.journal import OWN, Journal
 from tahoefs.fs.operations import TahoeFS
 from tahoefs.grid.client import GridClient
 from tahoefs.grid.config import GridConfig
@@ -145,6 +147,10 @@ async def serve(request: MountRequest, ready: Callable[[], None]) -> None:
             saved = await fs.save_leftovers()  # content whose save a dead mount had not finished
             if saved:
                 log.info("saved %d files an earlier mount had not finished saving", saved)
+            # The root's own attributes as the replay left them (still pending if it could not push).
+            own = journal.pending.get(str(cap), {}).get(OWN) or await root.own()
+            if own is not None:
+                fs.table[ROOT_INODE].entry = copy.deepcopy(own)
         pyfuse3.init(fs, str(mountpoint), options)
         try:
             ready()

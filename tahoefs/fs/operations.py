@@ -40,6 +40,7 @@ from tahoefs.formats.dirformat import (
     MAX_XATTR_VALUE,
     MAX_XATTRS_PER_ENTRY,
     Entry,
+    encode_own,
     seal_write_cap,
     unseal_write_cap,
 )
@@ -214,6 +215,16 @@ class TahoeFS(pyfuse3.Operations):
         self.handles[fh] = handle
         handle.node.open_handles += 1
         return fh
+
+    async def _refresh_root(self, node: Inode) -> None:
+        """Before a change of the root's own attributes: start from the newest, so that a change made
+        through another mount since this one started is not overwritten with this mount's old copy."""
+        directory = self._dir(node)
+        if self.journal is not None and OWN in self.journal.pending.get(str(directory.cap), {}):
+            return  # ours, not on the grid yet, is the newest
+        own = await directory.own()
+        if own is not None:
+            node.entry = own
 
     async def _publish(self, node: Inode, entry: Entry) -> None:
         """Record `entry` for `node` in its parent directory (replacing what was there); for the root,
@@ -440,6 +451,8 @@ class TahoeFS(pyfuse3.Operations):
         self._writable()
         with _errno():
             node = self.table[inode]
+            if node.ino == ROOT_INODE:
+                await self._refresh_root(node)
             entry = copy.deepcopy(node.entry)
             now = time.time_ns()
             if fields.update_mode:
@@ -539,9 +552,16 @@ class TahoeFS(pyfuse3.Operations):
     async def _change_xattrs(self, inode: int, change) -> None:
         with _errno():
             node = self.table[inode]
+            if node.ino == ROOT_INODE:
+                await self._refresh_root(node)
             entry = copy.deepcopy(node.entry)
             change(entry.xattrs)
             entry.ctime_ns = time.time_ns()
+            if node.ino == ROOT_INODE:
+                try:
+                    encode_own(entry)  # the root keeps its xattrs in its own version (OWN_MAX_BYTES)
+                except ValueError:
+                    raise pyfuse3.FUSEError(errno.ENOSPC) from None
             if node.spool is not None and node.spool.dirty:
                 node.entry = entry
             else:

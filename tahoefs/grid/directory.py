@@ -46,6 +46,7 @@ from tahoefs.formats.dirformat import (
     split_entries,
     unseal_write_cap,
 )
+from tahoefs.formats.mutable import MAX_VERSION_BYTES
 from tahoefs.grid.client import GridClient
 from tahoefs.grid.delete import delete_file
 from tahoefs.grid.download import FileReader
@@ -274,8 +275,13 @@ class Directory:
             for index, ref in enumerate(buckets):
                 # An emptied bucket disappears: the previous bucket's range then covers it.
                 new_buckets += replaced.get(index, [ref])
+            root = encode_root(new_buckets, new_own)
+            if len(root) > MAX_VERSION_BYTES:
+                with trio.CancelScope(shield=True):
+                    await self._forget(uploaded)
+                raise GridError(f"directory too large: its root would be {len(root)} bytes")
             try:
-                published = await self.obj.publish(encode_root(new_buckets, new_own), version)
+                published = await self.obj.publish(root, version)
             except ConflictError:
                 # Our losing version may still sit on some nodes and name these buckets: they are
                 # not deleted (garbage collection, planned, reclaims them). Nor after other failures.

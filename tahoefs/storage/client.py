@@ -106,6 +106,8 @@ class NodeClient:
     ) -> AsyncIterator[httpx.Response]:
         """Send one request; yields the response with its body unread, and closes it on exit. Raises
         what httpx raises."""
+        if self.http.is_closed:  # the transport would open a new connection nobody closes
+            raise NodeError(self.name, "the grid client is closed")
         timeout = timeout or self._timeout
         request = httpx.Request(
             method, url, headers=headers, content=content, extensions={"timeout": timeout.as_dict()}
