@@ -415,3 +415,11 @@ def test_one_query_says_which_shares_of_many_files_the_node_holds(node: Node) ->
         assert c.post("/v1/immutable", content=b" " * (65 * 1024)).status_code == 413
     with node.client(token=None) as c:
         assert c.post("/v1/immutable", json={"storage_indexes": [SI]}).status_code == 401
+
+
+def test_new_tokens_never_look_like_command_line_options() -> None:
+    from tahoefs.storage.store import new_token
+
+    tokens = [new_token() for _ in range(5000)]  # with the old generator about 78 of them started with "-"
+    assert not any(t.startswith("-") for t in tokens)
+    assert len(set(tokens)) == len(tokens) and all(len(t) == 43 for t in tokens)

@@ -114,13 +114,21 @@ class NodeIdentity:
     token: str
 
 
+def new_token() -> str:
+    """A random bearer token (256 bits, URL-safe base64) that never starts with "-": one in 64 did, and
+    `tahoefs grid add URL TOKEN` then took it for an option ("the following arguments are required")."""
+    while (token := secrets.token_urlsafe(32)).startswith("-"):
+        pass
+    return token
+
+
 def load_or_create_identity(root: Path) -> NodeIdentity:
     """Read DIR/node.json, creating it with a fresh id and token the first time."""
     path = root / "node.json"
     if path.exists():
         data = json.loads(path.read_text())
         return NodeIdentity(data["node_id"], data["token"])
-    identity = NodeIdentity(secrets.token_hex(16), secrets.token_urlsafe(32))
+    identity = NodeIdentity(secrets.token_hex(16), new_token())
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
