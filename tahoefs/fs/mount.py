@@ -123,9 +123,8 @@ async def serve(request: MountRequest, ready: Callable[[], None]) -> None:
         await root.count()  # fails fast (NotEnoughSharesError) when the grid cannot give the root
         read_only = read_only or not root.writable
         now = time.time_ns()
-        # The root's mode, owner, times and xattrs as a mount set them; a root never changed shows
-        # as the mounting user's, 0755.
-        root_entry = await root.own() or Entry(b"", KIND_DIR, 0o755, os.getuid(), os.getgid(), 0, now, now)
+        # A root whose own attributes were never set shows as the mounting user's, 0755 (see below).
+        root_entry = Entry(b"", KIND_DIR, 0o755, os.getuid(), os.getgid(), 0, now, now)
         fs = TahoeFS(grid, root, root_entry, home / "spool", read_only)
         # default_permissions: the kernel checks modes and owners (what makes allow_other safe on a
         # shared machine); pyfuse3's defaults hold it too, but it must not depend on them
@@ -147,10 +146,12 @@ async def serve(request: MountRequest, ready: Callable[[], None]) -> None:
             saved = await fs.save_leftovers()  # content whose save a dead mount had not finished
             if saved:
                 log.info("saved %d files an earlier mount had not finished saving", saved)
-            # The root's own attributes as the replay left them (still pending if it could not push).
-            own = journal.pending.get(str(cap), {}).get(OWN) or await root.own()
-            if own is not None:
-                fs.table[ROOT_INODE].entry = copy.deepcopy(own)
+        # The root's own mode, owner, times and xattrs, as the replay left them (or still pending in
+        # the journal if it could not push them).
+        pending = journal.pending.get(str(cap), {}) if journal is not None else {}
+        own = copy.deepcopy(pending.get(OWN)) or await root.own()
+        if own is not None:
+            fs.table[ROOT_INODE].entry = own
         pyfuse3.init(fs, str(mountpoint), options)
         try:
             ready()

@@ -162,11 +162,16 @@ class TahoeFS(pyfuse3.Operations):
         return node.directory
 
     def _record(self, parent: Inode, name: bytes, entry: Entry | None, drop: list[str] | None = None) -> None:
-        """Make a change of `parent` durable (journal) and visible (overlay) before returning."""
+        """Make a change of `parent` durable (journal) and visible (overlay) before returning; the name
+        OWN stands for `parent`'s own attributes."""
         directory = self._dir(parent)
         if not isinstance(directory.cap, DirWriteCap) or self.journal is None:
             raise ReadOnlyError("this directory is read-only")
-        self.journal.record(str(directory.cap), name, entry, drop)
+        if name == OWN:
+            assert entry is not None
+            self.journal.record_own(str(directory.cap), entry)
+        else:
+            self.journal.record(str(directory.cap), name, entry, drop)
 
     async def _entry(self, parent: Inode, name: bytes) -> Entry | None:
         """The entry called `name` in `parent`: pending changes first, then the grid."""
@@ -230,10 +235,7 @@ class TahoeFS(pyfuse3.Operations):
         """Record `entry` for `node` in its parent directory (replacing what was there); for the root,
         which has no parent, as the root directory's own attributes."""
         if node.ino == ROOT_INODE:
-            directory = self._dir(node)
-            if not isinstance(directory.cap, DirWriteCap) or self.journal is None:
-                raise ReadOnlyError("this directory is read-only")
-            self.journal.record_own(str(directory.cap), entry)
+            self._record(node, OWN, entry)
         else:
             self._record(self.table[node.parent], node.name, entry)
         node.entry = entry
