@@ -91,17 +91,20 @@ class Journal:
             "entry": encoded,
             "drop": drop or [],
         }
-        os.write(self.fd, (json.dumps(line) + "\n").encode())
-        os.fdatasync(self.fd)
+        self._append(line)
         self._note(dir_cap, name, entry, drop or [])
 
     def record_own(self, dir_cap: str, own: Entry) -> None:
         """Durably note the directory's new own attributes (mode, owner, times, xattrs of `own`)."""
         encoded = base64.b64encode(encode_own(own)).decode()
         own = decode_own(base64.b64decode(encoded))  # our own copy, proven to decode
-        os.write(self.fd, (json.dumps({"dir": dir_cap, "own": encoded}) + "\n").encode())
-        os.fdatasync(self.fd)
+        self._append({"dir": dir_cap, "own": encoded})
         self._note(dir_cap, OWN, own, [])
+
+    def _append(self, record: dict) -> None:
+        """One record, on disk (fdatasync) before this returns."""
+        os.write(self.fd, (json.dumps(record) + "\n").encode())
+        os.fdatasync(self.fd)
 
     def _note(self, dir_cap: str, name: bytes, entry: Entry | None, drop: list[str]) -> None:
         if entry is not None and entry.name != name:

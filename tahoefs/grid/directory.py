@@ -8,7 +8,6 @@ writer published first, so concurrent writers never drop each other's work.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import random
@@ -150,7 +149,7 @@ class Directory:
         """The directory's own attributes (mode, owner, times, xattrs) if it carries them: only a
         tree's root does, as nothing else describes it. None if it never had any set."""
         await self._load()
-        return None if self._own is None else copy.deepcopy(self._own)
+        return None if self._own is None else _copy_entry(self._own)
 
     async def _bucket(self, ref: BucketRef) -> list[Entry]:
         """The bucket's entries: copies, the caller's to keep and change."""
