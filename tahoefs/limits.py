@@ -64,6 +64,11 @@ HEDGE_FACTOR = 3.0
 # Node: refuse new shares when free space would fall below this many bytes.
 NODE_MIN_FREE_BYTES = 64 * MiB
 
+# Node: shares of at most this many bytes are rows of the node's SQLite database instead of files
+# (storage/smallshares.py). A share being received is held in memory up to this size before it spills to
+# a temp file, so a node holds at most 512 concurrent uploads x 64 KiB = 32 MiB of bodies.
+SMALL_SHARE_MAX_BYTES = 64 * 1024
+
 # Node: the largest share or request body accepted.
 NODE_MAX_SHARE_BYTES = 1 << 40
 

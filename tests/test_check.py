@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tahoefs.formats.caps import parse_cap
 from tahoefs.formats.hashing import b32encode
+from tahoefs.storage.smallshares import DB_NAME
 from tests.localgrid import LocalGrid
 
 
@@ -34,6 +35,8 @@ def wipe_disks(grid: LocalGrid, *indexes: int) -> None:
     for i in indexes:
         for folder in ("shares", "mutable"):
             shutil.rmtree(grid.node_dir(i) / folder, ignore_errors=True)
+        for db in grid.node_dir(i).glob(f"{DB_NAME}*"):  # the database and its -wal and -shm files
+            db.unlink()
     grid.start(*indexes)
 
 
@@ -56,7 +59,7 @@ def test_missing_shares_are_reported_and_repaired(grid: LocalGrid) -> None:
     held = grid.share_files(storage_index(cap))
     for node in list(held)[:4]:
         for f in held[node]:
-            f.unlink()
+            f.delete()
     code, out, _ = check(grid, cap)
     assert code == 1
     assert "not healthy: 6 of 10 shares on 6 nodes" in out
@@ -77,7 +80,7 @@ def test_flipped_bytes_are_missed_by_check_found_by_verify_and_fixed_by_repair(g
     held = grid.share_files(storage_index(cap))
     corrupted = list(held)[:2]
     for i, node in enumerate(corrupted):
-        flip_byte(held[node][0], 1000 + i)  # inside block 0
+        held[node][0].flip(1000 + i)  # inside block 0
     assert check(grid, cap)[0] == 0  # a plain check only counts shares
 
     code, out, _ = check(grid, "--verify", cap)
@@ -101,7 +104,7 @@ def test_a_file_with_fewer_than_k_shares_is_lost_and_repair_says_so(grid: LocalG
     held = grid.share_files(storage_index(cap))
     for node in list(held)[:8]:
         for f in held[node]:
-            f.unlink()
+            f.delete()
     code, out, err = check(grid, "--repair", cap)
     assert code == 1
     assert "lost: 2 of 10 shares" in out
@@ -116,7 +119,7 @@ def test_repair_needs_only_the_verify_cap_and_no_client_secret(grid: LocalGrid, 
     held = grid.share_files(storage_index(cap))
     for node in list(held)[:3]:
         for f in held[node]:
-            f.unlink()
+            f.delete()
     stranger = LocalGrid(tmp_path / "stranger")  # has only the grid file: another client secret
     stranger.home.mkdir()
     shutil.copy(grid.home / "grid.toml", stranger.home / "grid.toml")

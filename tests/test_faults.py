@@ -52,7 +52,7 @@ def test_node_killed_during_download_get_still_returns_exact_bytes(grid: LocalGr
     assert isinstance(cap, FileCap)
     # Find the node holding primary share 0: the reader uses it first.
     holders = grid.share_files(b32encode(cap.storage_index))
-    victim = next(node for node, files in holders.items() if files[0].name == "0")
+    victim = next(node for node, files in holders.items() if files[0].num == 0)
     proc = grid.popen("get", str(cap), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
     head = proc.stdout.read(4 * SEGMENT_SIZE)
@@ -90,7 +90,7 @@ def test_a_stalled_node_costs_at_most_its_deadline_on_read_and_write(grid: Local
     cap = parse_cap(grid.put_bytes(data))
     assert isinstance(cap, FileCap)
     holders = grid.share_files(b32encode(cap.storage_index))
-    frozen = next(node for node, files in holders.items() if files[0].name == "0")  # a primary
+    frozen = next(node for node, files in holders.items() if files[0].num == 0)  # a primary
     _set_stall_timeout(grid, 2.0)
     pid = _pid(grid, frozen)
     try:

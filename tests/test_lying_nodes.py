@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 from tahoefs.formats.caps import DirWriteCap, FileCap, parse_cap
 from tahoefs.formats.hashing import b32encode
 from tahoefs.formats.share import FOOTER_SIZE, pack_footer
 from tahoefs.limits import SEGMENT_SIZE
-from tahoefs.storage.store import NODE_HEADER_SIZE
-from tests.localgrid import LocalGrid
+from tests.localgrid import LocalGrid, StoredShare
 
 SIZE = SEGMENT_SIZE + 5000  # two segments: block reads are ranged requests, not the whole share
 
@@ -29,12 +27,12 @@ def storage_index(cap: str) -> str:
     return b32encode(parsed.storage_index)
 
 
-def shares_by_num(grid: LocalGrid, cap: str) -> dict[int, tuple[int, Path]]:
-    """share number -> (node index, share file) of an immutable file."""
+def shares_by_num(grid: LocalGrid, cap: str) -> dict[int, tuple[int, StoredShare]]:
+    """share number -> (node index, stored share) of an immutable file."""
     found = {}
-    for node, files in grid.share_files(storage_index(cap)).items():
-        for path in files:
-            found[int(path.name)] = (node, path)
+    for node, shares in grid.share_files(storage_index(cap)).items():
+        for share in shares:
+            found[share.num] = (node, share)
     return found
 
 
@@ -81,7 +79,7 @@ def test_a_node_serving_another_files_valid_shares_is_caught_and_named(grid: Loc
 
     def swap(nums: list[int]) -> set[int]:
         for num in nums:
-            shutil.copyfile(b_shares[num][1], a_shares[num][1])
+            a_shares[num][1].write(b_shares[num][1].read())
         return {a_shares[num][0] for num in nums}
 
     liars = swap([0, 1, 2, 5])  # the primaries, which a reader tries first, and one more
@@ -100,32 +98,32 @@ def test_a_node_serving_another_files_valid_shares_is_caught_and_named(grid: Loc
 
 
 def test_truncated_shares_are_caught_wherever_they_are_cut(grid: LocalGrid) -> None:
-    """Seven of ten share files cut short: to nothing (not even the node's own header), to a part of the
-    node header, to an empty share, inside a block, inside the leaves, inside the UEB and inside the
-    footer. The three intact shares are exactly k: the file still reads back exactly."""
-    for size in (SIZE, 5000):  # a ranged-read file, and one whose shares fit in the first probe
+    """Seven of ten shares cut short: to nothing, to one byte, inside the first block, in the middle,
+    inside the leaves, inside the UEB and inside the footer. The three intact shares are exactly k: the
+    file still reads back exactly. (A share file cut inside the node's own header: test_node.)"""
+    for size in (SIZE, 5000):  # a ranged-read file (share files), and one whose shares are database rows
         data = os.urandom(size)
         cap = grid.put_bytes(data)
         shares = shares_by_num(grid, cap)
-        length = shares[0][1].stat().st_size  # share files of one file have one length
+        length = shares[0][1].size()  # shares of one file have one length
         cuts = {
             0: 0,
-            1: NODE_HEADER_SIZE // 2,
-            2: NODE_HEADER_SIZE,
-            3: NODE_HEADER_SIZE + 10,
+            1: 1,
+            2: 10,
+            3: length // 2,
             4: length - 81 - 32 * 11,  # inside the trailer's hashes
             6: length - FOOTER_SIZE - 20,  # inside the UEB
             8: length - 5,  # inside the footer
         }
         for num, cut in cuts.items():
-            os.truncate(shares[num][1], cut)
+            shares[num][1].cut(cut)
         stderr = get_exact(grid, cap, data)
         cut_nodes = {shares[num][0] for num in cuts}
         assert named_nodes(grid, stderr) <= cut_nodes, stderr
         assert {shares[num][0] for num in (0, 1, 2)} <= named_nodes(grid, stderr), stderr
 
         # One more cut leaves two: a clean failure.
-        os.truncate(shares[5][1], length - 1)
+        shares[5][1].cut(length - 1)
         proc = grid.run("get", cap)
         assert "need 3 good shares" in assert_fails_cleanly(proc)
         assert proc.stdout == b""
@@ -138,13 +136,13 @@ def test_a_share_filed_under_another_number_is_caught(grid: LocalGrid) -> None:
     data = os.urandom(SIZE)
     cap = grid.put_bytes(data)
     shares = shares_by_num(grid, cap)
-    one = shares[1][1].read_bytes()
-    shares[2][1].write_bytes(one)
-    shares[0][1].write_bytes(one[:-FOOTER_SIZE] + pack_footer(0))
-    four = shares[4][1].read_bytes()
+    one = shares[1][1].read()
+    shares[2][1].write(one)
+    shares[0][1].write(one[:-FOOTER_SIZE] + pack_footer(0))
+    four = shares[4][1].read()
     trailer_length = 32 * (2 + 1 + 10) + 81  # 2 segments, 1 hash chunk, 10 shares, UEB and footer
     assert len(four) == len(one)
-    shares[4][1].write_bytes(one[: len(one) - trailer_length] + four[len(four) - trailer_length :])
+    shares[4][1].write(one[: len(one) - trailer_length] + four[len(four) - trailer_length :])
     liars = {shares[n][0] for n in (0, 2, 4)}
     stderr = get_exact(grid, cap, data)
     assert {shares[n][0] for n in (0, 2)} <= named_nodes(grid, stderr) <= liars, stderr
@@ -153,7 +151,7 @@ def test_a_share_filed_under_another_number_is_caught(grid: LocalGrid) -> None:
     # (whichever segment is fetched first): with only shares 1, 3 and the spliced 4 left, the reader
     # must try it.
     for num in (0, 2, 5, 6, 7, 8, 9):
-        shares[num][1].unlink()
+        shares[num][1].delete()
     proc = grid.run("get", cap)
     line = assert_fails_cleanly(proc)
     assert "need 3 good shares" in line and re.search(r"block [01] of share 4 is corrupt", line), line

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tahoefs.formats.share import pack_footer
+from tahoefs.limits import SMALL_SHARE_MAX_BYTES
 
 SI = "a" * 26
 SECRET = "ab" * 32
@@ -63,6 +64,9 @@ def node(tmp_path: Path) -> Iterator[Node]:
         yield n
     finally:
         stop_node(n)
+
+
+BIG_BODY = b"b" * (SMALL_SHARE_MAX_BYTES + 1)  # a share kept as a file, not a database row
 
 
 def a_share(num: int, body: bytes = b"x" * 1000) -> bytes:
@@ -209,7 +213,7 @@ def test_a_share_file_cut_inside_its_node_header_answers_500_not_a_negative_leng
     """Disk damage that leaves a share file shorter than the node's 64-byte header: the node used to
     answer with a negative Content-Length; now it is a clean 500 like a damaged slot header."""
     with node.client() as c:
-        assert put(c, a_share(0)).status_code == 201
+        assert put(c, a_share(0, BIG_BODY)).status_code == 201
         path = node.dir / "shares" / SI[:2] / SI / "0"
         for cut in (0, 30, 63):
             os.truncate(path, cut)

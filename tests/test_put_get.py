@@ -97,27 +97,17 @@ def test_reads_fail_clearly_with_eight_nodes_down(grid: LocalGrid) -> None:
     assert "Traceback" not in proc.stderr.decode()
 
 
-def _flip(path, offsets: list[int]) -> None:
-    with open(path, "r+b") as f:
-        for offset in offsets:
-            f.seek(offset)
-            byte = f.read(1)
-            f.seek(offset)
-            f.write(bytes([byte[0] ^ 0x40]))
-
-
 def test_flipped_bytes_on_three_nodes_are_caught_and_named(grid: LocalGrid) -> None:
     data = os.urandom(3 * SEG + 5)
     cap = parse_cap(grid.put_bytes(data))
     holders = grid.share_files(b32encode(cap.storage_index))  # type: ignore[union-attr]
     # Corrupt the primary shares (the ones a reader tries first): a block, the trailer, the footer.
-    by_share = {int(files[0].name): (node, files[0]) for node, files in holders.items()}
+    by_share = {shares[0].num: (node, shares[0]) for node, shares in holders.items()}
     bad_nodes = []
     for share, where in zip([0, 1, 2], ["block", "trailer", "footer"], strict=True):
-        node, path = by_share[share]
-        size = path.stat().st_size
-        offset = {"block": 64 + SEG // 3 + 10, "trailer": size - 200, "footer": size - 5}[where]
-        _flip(path, [offset])
+        node, stored = by_share[share]
+        size = stored.size()
+        stored.flip({"block": SEG // 3 + 10, "trailer": size - 200, "footer": size - 5}[where])
         bad_nodes.append(node)
     proc = grid.run("get", str(cap))
     assert proc.returncode == 0, proc.stderr
@@ -130,7 +120,7 @@ def test_flipped_bytes_on_three_nodes_are_caught_and_named(grid: LocalGrid) -> N
 
 
 def test_put_with_fewer_than_happy_nodes_fails_and_leaves_no_shares(grid: LocalGrid) -> None:
-    shares_before = sorted(grid.home.glob("nodes/node-*/shares/*/*/*"))
+    shares_before = grid.share_count()
     down = [0, 1, 2, 3]
     grid.stop(*down)
     try:
@@ -143,7 +133,7 @@ def test_put_with_fewer_than_happy_nodes_fails_and_leaves_no_shares(grid: LocalG
     assert "upload failed" in lines[0] and "of the 7 nodes needed" in lines[0]
     assert proc.stdout == b""
     # The six shares that were placed were deleted again: nothing new is left on any node.
-    assert sorted(grid.home.glob("nodes/node-*/shares/*/*/*")) == shares_before
+    assert grid.share_count() == shares_before
 
 
 def test_put_with_exactly_happy_nodes_succeeds(grid: LocalGrid) -> None:

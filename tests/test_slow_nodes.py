@@ -59,7 +59,7 @@ def _proxied(grid: LocalGrid, nodes: list[int], *mode: str, stall: float | None 
 def _holders_of(grid: LocalGrid, cap: FileCap, shares: set[int]) -> list[int]:
     """The nodes holding any of `shares` of the file."""
     holders = grid.share_files(b32encode(cap.storage_index))
-    return sorted(node for node, files in holders.items() if {int(f.name) for f in files} & shares)
+    return sorted(node for node, files in holders.items() if {f.num for f in files} & shares)
 
 
 def test_slow_nodes_holding_primary_shares_are_routed_around(grid: LocalGrid) -> None:

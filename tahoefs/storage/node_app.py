@@ -17,7 +17,6 @@ from tahoefs import __version__
 from tahoefs.formats.share import FOOTER_SIZE, unpack_footer
 from tahoefs.limits import NODE_MAX_SHARE_BYTES, NODE_MAX_SLOT_BYTES
 from tahoefs.storage.store import (
-    NODE_HEADER_SIZE,
     SLOT_HEADER_SIZE,
     ShareStore,
     StoreError,
@@ -256,11 +255,11 @@ class NodeApp:
         await _send_json(send, 201, {"stored": incoming.length})
 
     async def _read_share(self, si: str, num: int, headers: dict[str, str], send: Send) -> None:
-        fd, length = self.store.open_share(si, num)
+        share = self.store.open_share(si, num)
         try:
-            await _send_file(send, fd, NODE_HEADER_SIZE, length, headers.get("range"))
+            await _send_bytes(send, share.read, share.length, headers.get("range"))
         finally:
-            os.close(fd)
+            share.close()
 
     async def _read_slot(self, si: str, num: int, headers: dict[str, str], send: Send) -> None:
         """The slot's current version, like a share read, plus `x-tahoefs-seqnum`. The open fd keeps
@@ -268,21 +267,27 @@ class NodeApp:
         fd, state = self.store.open_slot(si, num)
         try:
             seqnum = [(b"x-tahoefs-seqnum", str(state.seqnum).encode())]
-            await _send_file(send, fd, SLOT_HEADER_SIZE, state.length, headers.get("range"), seqnum)
+            await _send_bytes(
+                send,
+                lambda offset, size: os.pread(fd, size, SLOT_HEADER_SIZE + offset),
+                state.length,
+                headers.get("range"),
+                seqnum,
+            )
         finally:
             os.close(fd)
 
 
-async def _send_file(
+async def _send_bytes(
     send: Send,
-    fd: int,
-    offset: int,
+    read: Callable[[int, int], bytes],
     length: int,
     range_header: str | None,
     extra_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    """Answer with the `length` bytes at file offset `offset` of `fd`: 200 whole, or 206 for one valid
-    `Range` (416 otherwise, before anything is sent)."""
+    """Answer with a stored object of `length` bytes, read in pieces of at most READ_CHUNK by
+    `read(offset, size)`: 200 whole, or 206 for one valid `Range` (416 otherwise, before anything is
+    sent)."""
     span = parse_range(range_header, length)
     start, end = span if span is not None else (0, length)
     response_headers = [
@@ -296,7 +301,7 @@ async def _send_file(
     await send({"type": "http.response.start", "status": 206 if span else 200, "headers": response_headers})
     pos = start
     while pos < end:
-        chunk = os.pread(fd, min(READ_CHUNK, end - pos), offset + pos)
+        chunk = read(pos, min(READ_CHUNK, end - pos))
         if not chunk:
             break
         pos += len(chunk)

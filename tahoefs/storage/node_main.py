@@ -14,7 +14,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tahoefs.errors import UsageError
 from tahoefs.storage.node_app import NodeApp
-from tahoefs.storage.store import ShareStore, load_or_create_identity
+from tahoefs.storage.store import ShareStore, StoreError, load_or_create_identity
 from tahoefs.tls import load_or_create_certificate
 
 # A request's line and headers together: tahoefs clients send under 1 KiB. The node answers 431 and closes
@@ -167,6 +167,8 @@ def run_node(
         store = ShareStore(directory, **kwargs)
     except OSError as exc:
         raise UsageError(f"cannot use node folder {directory}: {exc.strerror}") from None
+    except StoreError as exc:  # the small-share database would not open
+        raise UsageError(f"cannot use node folder {directory}: {exc.reason}") from None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -206,5 +208,8 @@ def run_node(
     )
     server = uvicorn.Server(config)
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        store.close()
     sys.stdout.flush()

@@ -1,14 +1,18 @@
 """The node's share store on local disk.
 
     DIR/node.json                  node id and access token (mode 0600)
-    DIR/shares/AB/SI/N             committed share N of storage index SI (AB = first two characters)
+    DIR/small-shares.sqlite        committed shares of at most SMALL_SHARE_MAX_BYTES (smallshares.py)
+    DIR/shares/AB/SI/N             committed larger share N of storage index SI (AB = first two characters)
     DIR/mutable/AB/SI/N            mutable slot N of storage index SI (a namespace of its own)
     DIR/incoming/SI.N.RANDOM.tmp   shares and slot versions being received; never readable; wiped at start
 
 A stored share file is a 64-byte node header (magic, hash of the delete secret) followed by the share
 bytes exactly as the client sent them. A share becomes visible only by `link()` of a complete, fsynced
 temp file into its final name, so a reader never sees a partial share, and an existing share is never
-overwritten. All names come from strict regexes, so no request can reach outside DIR.
+overwritten. All names come from strict regexes, so no request can reach outside DIR. A share that ends
+within SMALL_SHARE_MAX_BYTES never touches `incoming/`: it is received in memory and committed as one
+row, so it too is visible whole or not at all. A share is in one place only: each commit checks the other
+place first, with no await in between.
 
 A slot file is a 64-byte node header (magic, hash of the write enabler, sequence number) followed by the
 slot's bytes. A new version becomes visible only by `os.replace()` of a complete, fsynced temp file onto
@@ -29,12 +33,13 @@ import re
 import secrets
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tahoefs.limits import NODE_MIN_FREE_BYTES
+from tahoefs.limits import NODE_MIN_FREE_BYTES, SMALL_SHARE_MAX_BYTES
+from tahoefs.storage.smallshares import SmallShareDiskError, SmallShareDiskFull, SmallShareExists, SmallShares
 
 STORAGE_INDEX_RE = re.compile(r"[a-z2-7]{26}")
 SHARE_NUM_RE = re.compile(r"0|[1-9][0-9]{0,2}")
@@ -154,10 +159,22 @@ class ShareStore:
             shutil.rmtree(self.incoming_dir)  # abandoned partial uploads from a previous run
         self.incoming_dir.mkdir()
         self.share_count, self.share_bytes = _count(self.shares_dir, NODE_HEADER_SIZE)
+        with _small_errors():
+            self.small = SmallShares(root)
+            rows, row_bytes = self.small.totals()
+        self.share_count += rows
+        self.share_bytes += row_bytes
         self.slot_count, self.slot_bytes = _count(self.mutable_dir, SLOT_HEADER_SIZE)
+
+    def close(self) -> None:
+        self.small.close()
 
     def share_path(self, si: str, num: int) -> Path:
         return self.shares_dir / si[:2] / si / str(num)
+
+    def has_share(self, si: str, num: int) -> bool:
+        with _small_errors():
+            return self.share_path(si, num).exists() or self.small.has(si, num)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -174,12 +191,18 @@ class ShareStore:
         try:
             names = os.listdir(folder)
         except FileNotFoundError:
-            return []
-        return sorted(int(n) for n in names if SHARE_NUM_RE.fullmatch(n))
+            names = []
+        with _small_errors():
+            rows = self.small.nums(si)
+        return sorted({int(n) for n in names if SHARE_NUM_RE.fullmatch(n)}.union(rows))
 
-    def open_share(self, si: str, num: int) -> tuple[int, int]:
-        """Open a committed share: (fd positioned at share byte 0's file offset, share length).
-        Raises StoreError(404)."""
+    def open_share(self, si: str, num: int) -> StoredShare:
+        """A committed share to read from; close it after use. It keeps serving the bytes it opened
+        even if the share is deleted meanwhile. Raises StoreError(404, 500)."""
+        with _small_errors():
+            data = self.small.get(si, num)
+        if data is not None:
+            return StoredShare(len(data), data=data)
         try:
             fd = os.open(self.share_path(si, num), os.O_RDONLY)
         except FileNotFoundError:
@@ -188,13 +211,13 @@ class ShareStore:
         if length < 0:  # cut inside the node header (disk damage): never answer a negative length
             os.close(fd)
             raise StoreError(500, "stored share has a damaged node header")
-        return fd, length
+        return StoredShare(length, fd=fd)
 
     @contextlib.contextmanager
     def receive(self, si: str, num: int, secret: bytes) -> Iterator[IncomingShare]:
         """A temp file to stream a new share into. Commit with `incoming.commit()`; leaving the block
         without commit (error, disconnect) deletes the temp file."""
-        if self.share_path(si, num).exists():
+        if self.has_share(si, num):
             raise StoreError(409, "share already exists")
         self.check_space()
         incoming = IncomingShare(self, si, num, secret)
@@ -205,6 +228,16 @@ class ShareStore:
 
     def delete(self, si: str, num: int, secret: bytes) -> None:
         """Remove a share if `secret` is the one given at upload. Raises StoreError(404/403)."""
+        with _small_errors():
+            row = self.small.secret_digest(si, num)
+            if row is not None:
+                digest, size = row
+                if not hmac.compare_digest(digest, secret_digest(secret)):
+                    raise StoreError(403, "wrong delete secret")
+                self.small.delete(si, num)
+                self.share_count -= 1
+                self.share_bytes -= size
+                return
         path = self.share_path(si, num)
         try:
             with open(path, "rb") as f:
@@ -316,8 +349,30 @@ class ShareStore:
             path.parent.rmdir()  # only succeeds when no slot of this SI is left
 
 
+class StoredShare:
+    """A committed share opened for reading: `length` share bytes, read by `read(offset, size)`. A row's
+    bytes (at most SMALL_SHARE_MAX_BYTES) are held in memory; a file is read through its open fd."""
+
+    def __init__(self, length: int, *, data: bytes | None = None, fd: int | None = None) -> None:
+        self.length = length
+        self._data = data
+        self._fd = fd
+
+    def read(self, offset: int, size: int) -> bytes:
+        if self._data is not None:
+            return self._data[offset : offset + size]
+        assert self._fd is not None
+        return os.pread(self._fd, size, NODE_HEADER_SIZE + offset)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class IncomingShare:
-    """One share being received into DIR/incoming."""
+    """One share being received: in memory while it is at most SMALL_SHARE_MAX_BYTES (it then commits as
+    a row of the small-share database), spilled to a temp file in DIR/incoming once it grows past that."""
 
     SPACE_CHECK_EVERY = 64 * 1024 * 1024
 
@@ -325,9 +380,10 @@ class IncomingShare:
         self.store = store
         self.si = si
         self.num = num
-        self.tmp_path = store.incoming_dir / f"{si}.{num}.{secrets.token_hex(8)}.tmp"
-        self.file = open(self.tmp_path, "w+b")  # noqa: SIM115 - closed in commit/discard; read back by pread
-        self.file.write(struct.pack(NODE_HEADER_FORMAT, NODE_HEADER_MAGIC, 1, secret_digest(secret), b""))
+        self.digest = secret_digest(secret)
+        self.buffer = bytearray()
+        self.tmp_path: Path | None = None
+        self.file: Any = None  # the temp file once spilled
         self.length = 0
         self._since_check = 0
         self.committed = False
@@ -336,6 +392,11 @@ class IncomingShare:
         self.length += len(data)
         if self.length > max_length:
             raise StoreError(413, "share is larger than this node accepts")
+        if self.file is None:
+            if self.length <= SMALL_SHARE_MAX_BYTES:
+                self.buffer += data
+                return
+            self._spill()
         self._since_check += len(data)
         if self._since_check >= self.SPACE_CHECK_EVERY:
             self._since_check = 0
@@ -345,8 +406,37 @@ class IncomingShare:
         except OSError as exc:
             raise _disk_error(exc) from None
 
-    def commit(self, check_tail) -> None:
-        """fsync and publish the share atomically. `check_tail(last_bytes)` may veto it first."""
+    def _spill(self) -> None:
+        """Move what was received so far into a new temp file, which takes every later byte."""
+        self.tmp_path = self.store.incoming_dir / f"{self.si}.{self.num}.{secrets.token_hex(8)}.tmp"
+        try:
+            self.file = open(self.tmp_path, "w+b")  # noqa: SIM115 - closed in commit/discard
+            self.file.write(struct.pack(NODE_HEADER_FORMAT, NODE_HEADER_MAGIC, 1, self.digest, b""))
+            self.file.write(self.buffer)
+        except OSError as exc:
+            raise _disk_error(exc) from None
+        self.buffer = bytearray()
+
+    def commit(self, check_tail: Callable[[bytes], None]) -> None:
+        """Make the share durable and visible atomically. `check_tail(last_bytes)` may veto it first.
+        Raises StoreError(409) if the share exists meanwhile, 507/500 for disk errors."""
+        if self.file is None:
+            check_tail(bytes(self.buffer[-64:]))
+            if self.store.share_path(self.si, self.num).exists():
+                raise StoreError(409, "share already exists")
+            with _small_errors():
+                try:
+                    self.store.small.insert(self.si, self.num, self.digest, self.buffer)
+                except SmallShareExists:
+                    raise StoreError(409, "share already exists") from None
+        else:
+            self._commit_file(check_tail)
+        self.committed = True
+        self.store.share_count += 1
+        self.store.share_bytes += self.length
+
+    def _commit_file(self, check_tail: Callable[[bytes], None]) -> None:
+        assert self.tmp_path is not None
         try:
             self.file.flush()
         except OSError as exc:
@@ -354,11 +444,13 @@ class IncomingShare:
         tail_len = min(self.length, 64)
         check_tail(os.pread(self.file.fileno(), tail_len, NODE_HEADER_SIZE + self.length - tail_len))
         try:
-            self.file.flush()
             os.fsync(self.file.fileno())
             self.file.close()
             final = self.store.share_path(self.si, self.num)
             _make_durable_dirs(final.parent, self.store.shares_dir)
+            with _small_errors():
+                if self.store.small.has(self.si, self.num):
+                    raise StoreError(409, "share already exists")
             try:
                 os.link(self.tmp_path, final)
             except FileExistsError:
@@ -366,15 +458,13 @@ class IncomingShare:
             _fsync_dir(final.parent)
         except OSError as exc:
             raise _disk_error(exc) from None
-        self.committed = True
-        self.store.share_count += 1
-        self.store.share_bytes += self.length
 
     def discard(self) -> None:
-        if not self.file.closed:
+        if self.file is not None and not self.file.closed:
             self.file.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.tmp_path.unlink()
+        if self.tmp_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.tmp_path.unlink()
 
 
 class IncomingSlot:
@@ -458,6 +548,17 @@ def _count(folder: Path, header_size: int) -> tuple[int, int]:
         count += 1
         total += path.stat().st_size - header_size
     return count, total
+
+
+@contextlib.contextmanager
+def _small_errors() -> Iterator[None]:
+    """The small-share database's failures as the answers the node gives for disk errors."""
+    try:
+        yield
+    except SmallShareDiskFull:
+        raise StoreError(507, "node disk is full") from None
+    except SmallShareDiskError as exc:
+        raise StoreError(500, f"node disk error: {exc}") from None
 
 
 def _disk_error(exc: OSError) -> StoreError:
