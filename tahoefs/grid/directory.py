@@ -58,7 +58,7 @@ FRESH_SECONDS = 5.0  # how old a directory version reads may use
 # Decoded buckets kept for lookups, shared by every Directory of the process and bounded by the bytes of
 # their encodings (a decoded bucket takes several times that): without it every lookup of a name decoded
 # its whole bucket again, 6.7 ms for a name in a 10,000-entry folder (an lstat after the kernel's 1 s).
-BUCKET_CACHE_BYTES = 1024 * 1024
+BUCKET_CACHE_BYTES = 4 * 1024 * 1024
 Change = Callable[["Entry | None"], "Entry | None"]
 EMPTY_ROOT = encode_root([BucketRef(0, 0, inline=encode_bucket([]))])
 
@@ -345,11 +345,15 @@ class Directory:
         for piece_lo, piece in pieces:
             data = encoded if len(pieces) == 1 else encode_bucket(piece)
             if alone and len(pieces) == 1 and len(data) <= BUCKET_INLINE_MAX:
+                key: str | bytes = data
                 refs.append(BucketRef(piece_lo, len(piece), inline=data))
             else:
-                cap = str(await upload(self.grid, BytesSource(data)))
-                uploaded.append(cap)
-                refs.append(BucketRef(piece_lo, len(piece), cap=cap))
+                key = str(await upload(self.grid, BytesSource(data)))
+                uploaded.append(key)
+                refs.append(BucketRef(piece_lo, len(piece), cap=key))
+            # The next change or lookup here starts from this bucket: keep it decoded rather than
+            # fetch it back from the grid (a locate on every node plus k share reads) or decode it.
+            _BUCKETS.put(key, {e.name: _copy_entry(e) for e in piece}, len(data))
         return refs, uploaded
 
     async def _forget(self, caps: list[str]) -> None:
