@@ -1,6 +1,7 @@
-"""Client logic of the checker's batch locating, against scripted node answers (httpx.MockTransport):
-which answers are taken, which are refused, and the fall back to one listing per file for a node that
-predates the batch query. The real node's side is tested in test_node.py."""
+"""Client logic of the batch requests, against scripted node answers (httpx.MockTransport): the
+checker's locating (which answers are taken, which are refused, and the fall back to one listing per file
+for a node that predates the batch query) and deleting a file's shares. The real node's side is tested in
+test_node.py and test_small_shares.py."""
 
 from __future__ import annotations
 
@@ -70,3 +71,33 @@ def test_batch_answers_fallback_and_failures() -> None:
         assert sum(a.startswith("old GET") for a in asked) == 3  # the old node: one listing per file
 
     trio.run(main)
+
+
+def test_delete_shares_is_one_request_and_falls_back_on_an_older_node() -> None:
+    asked: list[str] = []
+
+    def modern(request: httpx.Request) -> httpx.Response:
+        asked.append(f"modern {request.method} {request.url.path}")
+        return answer(200, {"deleted": [1, 4]})
+
+    def old(request: httpx.Request) -> httpx.Response:
+        asked.append(f"old {request.method} {request.url.path}")
+        if request.method == "DELETE" and request.url.path.count("/") == 3:
+            return answer(405, {"error": "method not allowed"})
+        if request.method == "GET":
+            return answer(200, {"shares": [2, 7]})
+        return answer(200, {"deleted": True})
+
+    async def main() -> None:
+        assert await node("modern", modern).delete_shares(SI_A, b"s" * 32) == 2
+        assert await node("old", old).delete_shares(SI_A, b"s" * 32) == 2
+
+    trio.run(main)
+    si = b32encode(SI_A)
+    assert asked == [
+        f"modern DELETE /v1/immutable/{si}",
+        f"old DELETE /v1/immutable/{si}",
+        f"old GET /v1/immutable/{si}",
+        f"old DELETE /v1/immutable/{si}/2",
+        f"old DELETE /v1/immutable/{si}/7",
+    ]

@@ -210,3 +210,27 @@ def test_small_shares_round_trip_and_refuse_a_second_insert(tmp_path: Path) -> N
         assert reopened.totals() == (2, len(b"share one"))
     finally:
         reopened.close()
+
+
+def test_one_delete_removes_a_files_shares_rows_and_files_alike(node: Node) -> None:
+    """DELETE /v1/immutable/SI: every share stored with the secret goes, whichever place it is in;
+    another uploader's share stays."""
+    with node.client() as c:
+        assert put(c, share_of_length(0, 800), num=0).status_code == 201
+        assert put(c, share_of_length(1, SMALL_SHARE_MAX_BYTES + 1), num=1).status_code == 201
+        assert put(c, share_of_length(2, 900), num=2, secret=OTHER_SECRET).status_code == 201
+        r = c.delete(f"/v1/immutable/{SI}", headers={"x-tahoefs-delete-secret": SECRET})
+        assert r.status_code == 200 and r.json() == {"deleted": [0, 1]}
+        assert c.get(f"/v1/immutable/{SI}").json() == {"shares": [2]}
+        assert files(node.dir) == []
+        # Only another uploader's shares left: refused, nothing deleted.
+        r = c.delete(f"/v1/immutable/{SI}", headers={"x-tahoefs-delete-secret": SECRET})
+        assert r.status_code == 403 and r.json() == {"error": "wrong delete secret"}
+        r = c.delete(f"/v1/immutable/{SI}", headers={"x-tahoefs-delete-secret": OTHER_SECRET})
+        assert r.json() == {"deleted": [2]}
+        # Nothing held: nothing to do.
+        r = c.delete(f"/v1/immutable/{SI}", headers={"x-tahoefs-delete-secret": SECRET})
+        assert r.status_code == 200 and r.json() == {"deleted": []}
+        r = c.delete(f"/v1/immutable/{SI}", headers={"x-tahoefs-delete-secret": "nothex"})
+        assert r.status_code == 400
+        assert c.get("/v1/version").json()["shares"] == 0

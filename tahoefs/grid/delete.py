@@ -24,9 +24,7 @@ async def delete_file(grid: GridClient, cap: FileCap | LiteralCap) -> int:
             async def one(node=node) -> None:
                 nonlocal deleted
                 with contextlib.suppress(NodeError), trio.move_on_after(grid.stall_timeout):
-                    for num in await node.list_shares(si):
-                        await node.delete_share(si, num, grid.delete_secret(si, node))
-                        deleted += 1
+                    deleted += await node.delete_shares(si, grid.delete_secret(si, node))
 
             nursery.start_soon(one)
     return deleted

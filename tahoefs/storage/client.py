@@ -350,6 +350,37 @@ class NodeClient:
         except (httpx.HTTPError, OSError) as exc:
             raise self._fail(what, exc) from None
 
+    async def delete_shares(self, si: bytes, delete_secret: bytes) -> int:
+        """Remove every share of `si` this node holds under `delete_secret`, in one request; returns how
+        many went. A node older than the batch delete (405) is asked which shares it holds and has
+        them deleted one by one."""
+        what = "delete shares"
+        headers = {**self._auth, "x-tahoefs-delete-secret": delete_secret.hex()}
+        try:
+            async with self._stream("DELETE", self._share_url(si), headers) as response:
+                if response.status_code == 405:
+                    await _read_bounded(self.stats, response, MAX_JSON_BYTES, self.name)
+                    older = True
+                elif response.status_code != 200:
+                    raise await self._error_from(response, what)
+                else:
+                    older = False
+                    answer = await _read_bounded(self.stats, response, MAX_JSON_BYTES, self.name)
+        except (httpx.HTTPError, OSError) as exc:
+            raise self._fail(what, exc) from None
+        if older:
+            nums = await self.list_shares(si)
+            for num in nums:
+                await self.delete_share(si, num, delete_secret)
+            return len(nums)
+        try:
+            deleted = json.loads(answer)["deleted"]
+            if not isinstance(deleted, list):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise NodeError(self.name, f"{what}: malformed answer") from None
+        return len(deleted)
+
     async def delete_share(self, si: bytes, num: int, delete_secret: bytes) -> None:
         """Remove share `num` (absent already counts as removed)."""
         what = f"delete share {num}"

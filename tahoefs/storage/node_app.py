@@ -126,6 +126,10 @@ class NodeApp:
         mutable = parts[2] == "mutable"
         si = check_storage_index(parts[3])
         if len(parts) == 4:
+            if method == "DELETE" and not mutable:
+                secret = check_secret(headers.get("x-tahoefs-delete-secret"))
+                await _send_json(send, 200, {"deleted": self.store.delete_all(si, secret)})
+                return
             if method != "GET":
                 raise StoreError(405, "method not allowed")
             if mutable:

@@ -256,6 +256,23 @@ class ShareStore:
         with contextlib.suppress(OSError):
             path.parent.rmdir()  # only succeeds when no share of this SI is left
 
+    def delete_all(self, si: str, secret: bytes) -> list[int]:
+        """Remove every share of `si` stored with `secret`; returns their numbers, ascending (empty
+        when the node holds none). Raises StoreError(403) when it holds some but none with `secret`."""
+        held = self.list_shares(si)
+        deleted = []
+        for num in held:
+            try:
+                self.delete(si, num, secret)
+            except StoreError as exc:
+                if exc.status not in (403, 404):  # 403: another uploader's share, left alone
+                    raise
+            else:
+                deleted.append(num)
+        if held and not deleted:
+            raise StoreError(403, "wrong delete secret")
+        return deleted
+
     # ---- mutable slots
 
     def slot_path(self, si: str, num: int) -> Path:
