@@ -13,7 +13,15 @@ import trio
 
 from tahoefs.errors import EntryExistsError, NoSuchEntryError, ReadOnlyError
 from tahoefs.formats.caps import DirReadCap, DirWriteCap, parse_cap
-from tahoefs.formats.dirformat import BUCKET_INLINE_MAX, KIND_DIR, KIND_FILE, KIND_SYMLINK, Entry
+from tahoefs.formats.dirformat import (
+    BUCKET_SPLIT_BYTES,
+    KIND_DIR,
+    KIND_FILE,
+    KIND_SYMLINK,
+    ROOT_INLINE_MAX,
+    Entry,
+    encode_root,
+)
 from tahoefs.formats.hashing import b32encode
 from tahoefs.grid.client import GridClient
 from tahoefs.grid.directory import Directory
@@ -103,10 +111,8 @@ def test_large_directory_spills_into_buckets_and_stays_correct(grid: LocalGrid) 
                 {n: (lambda old, n=n: Entry(n, KIND_FILE, size=len(n), inline=n)) for n in batch}
             )
         _version, buckets = await d._load()
-        assert len(buckets) > 1 and any(b.cap for b in buckets), (
-            "3000 entries should not fit one inline bucket"
-        )
-        assert all(b.inline is None or len(b.inline) <= BUCKET_INLINE_MAX for b in buckets)
+        assert len(buckets) > 1 and any(b.cap for b in buckets), "3000 entries should not fit inside the root"
+        assert all(b.inline is None for b in buckets)  # past the budget, the root is an index of files
         count = 0
 
         async def sink(entries: list[Entry]) -> None:
@@ -298,7 +304,7 @@ def test_a_signed_root_naming_an_impossibly_large_bucket_is_refused_before_any_d
     """A co-writer (anyone with the write cap) cannot make readers hold a huge bucket in memory."""
     from tahoefs.errors import IntegrityError
     from tahoefs.formats.caps import FileCap
-    from tahoefs.formats.dirformat import MAX_BUCKET_BYTES, BucketRef, encode_root
+    from tahoefs.formats.dirformat import MAX_BUCKET_BYTES, BucketRef
 
     async def go(client: GridClient) -> None:
         directory = await Directory.create(client)
@@ -332,3 +338,29 @@ def test_decoded_buckets_are_shared_bounded_and_never_handed_out_to_be_changed(g
         assert again is not None and again.mode == 0o644 and again.xattrs == {b"user.k": b"v"}
 
     run_with_grid(grid, scenario)
+
+
+def test_a_directory_is_one_signed_object_until_its_root_reaches_the_inline_budget(grid: LocalGrid) -> None:
+    """Entries of about 1 KiB added 20 at a time: while the whole directory fits in ROOT_INLINE_MAX its
+    buckets stay inside the root (a change is one slot write per node, no bucket files to upload and
+    delete); once it would not, every bucket becomes a file and the root is a compact index."""
+
+    async def go(client: GridClient) -> None:
+        d = await Directory.create(client)
+        sizes = []
+        for start in range(0, 200, 20):
+            names = [f"f{i:04d}".encode() for i in range(start, start + 20)]
+            await d.modify_many({n: (lambda _o, n=n: Entry(n, KIND_FILE, inline=b"x" * 1000)) for n in names})
+            version, buckets = await d.load()
+            sizes.append(len(version.plaintext))
+            if all(b.inline is not None for b in buckets):
+                assert len(version.plaintext) <= ROOT_INLINE_MAX
+            else:
+                assert all(b.inline is None for b in buckets), "no mix: a root is all inline or an index"
+                assert len(version.plaintext) < 200 * len(buckets)
+        assert sizes[2] > 3 * BUCKET_SPLIT_BYTES // 2, "60 KB of entries still inside the root"
+        assert sizes[-1] < 4096, "200 KB of entries should not fit inside the root"
+        assert await d.count() == 200
+        assert (await d.get(b"f0123")).inline == b"x" * 1000
+
+    run_with_grid(grid, go)

@@ -38,7 +38,9 @@ MAX_XATTR_NAME = 255
 MAX_XATTR_VALUE = 64 * 1024
 MAX_XATTRS_PER_ENTRY = 128
 INLINE_FILE_MAX = 4096  # files up to this size live inside their directory entry
-BUCKET_INLINE_MAX = 16 * 1024  # a directory's only bucket lives inside the root up to this size
+# Writers keep a rewritten bucket inside the root (no file of its own) while the root stays within this
+# many bytes; beyond, new buckets are immutable files the root names by cap (formats.md §18.9).
+ROOT_INLINE_MAX = 64 * 1024
 BUCKET_SPLIT_BYTES = 32 * 1024  # a bucket over this size is split into pieces of at most half of it
 # The largest entry that can exist (name, cap, sealed cap, symlink target or inline data, every xattr at
 # its limit, framing) and so the largest bucket: an entry alone cannot be split. Readers refuse more.
@@ -205,6 +207,14 @@ class BucketRef:
     count: int
     inline: bytes | None = None
     cap: str = ""
+
+    @property
+    def encoded_size(self) -> int:
+        """Bytes this reference takes in an encoded root."""
+        return BUCKET_REF_HEADER + (len(self.inline) if self.inline is not None else len(self.cap))
+
+
+BUCKET_REF_HEADER = struct.calcsize(">QIBI")  # lo, count, storage, length: 17 bytes
 
 
 def encode_root(buckets: list[BucketRef], own: Entry | None = None) -> bytes:

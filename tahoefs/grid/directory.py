@@ -28,11 +28,12 @@ from tahoefs.errors import (
 )
 from tahoefs.formats.caps import DirReadCap, DirWriteCap, FileCap, LiteralCap, parse_cap
 from tahoefs.formats.dirformat import (
-    BUCKET_INLINE_MAX,
+    BUCKET_REF_HEADER,
     BUCKET_SPLIT_BYTES,
     HASH_SPACE,
     KIND_DIR,
     MAX_BUCKET_BYTES,
+    ROOT_INLINE_MAX,
     BucketRef,
     Entry,
     bucket_index,
@@ -60,6 +61,7 @@ FRESH_SECONDS = 5.0  # how old a directory version reads may use
 # its whole bucket again, 6.7 ms for a name in a 10,000-entry folder (an lstat after the kernel's 1 s).
 BUCKET_CACHE_BYTES = 4 * 1024 * 1024
 Change = Callable[["Entry | None"], "Entry | None"]
+Piece = tuple[int, list[Entry], bytes]  # a bucket to store: its lo, its entries, their encoding
 EMPTY_ROOT = encode_root([BucketRef(0, 0, inline=encode_bucket([]))])
 
 
@@ -95,6 +97,15 @@ class _BucketCache:
 
 
 _BUCKETS = _BucketCache(BUCKET_CACHE_BYTES)
+
+
+def _pieces(lo: int, entries: list[Entry]) -> list[Piece]:
+    """The bucket starting at `lo` holding `entries`, split when its encoding is over BUCKET_SPLIT_BYTES:
+    (lo, entries, encoding) per piece."""
+    encoded = encode_bucket(entries)
+    if len(encoded) <= BUCKET_SPLIT_BYTES:
+        return [(lo, entries, encoded)]
+    return [(piece_lo, piece, encode_bucket(piece)) for piece_lo, piece in split_entries(lo, entries)]
 
 
 class Directory:
@@ -286,9 +297,9 @@ class Directory:
             replaced: dict[int, list[BucketRef]] = {}
             uploaded: list[str] = []
             try:
+                contents: dict[int, list[Piece]] = {}
                 for index, names in sorted(by_bucket.items()):
-                    ref = buckets[index]
-                    current = {e.name: e for e in await self._bucket(ref)}
+                    current = {e.name: e for e in await self._bucket(buckets[index])}
                     for name in names:
                         olds[name] = current.get(name)
                         new = changes[name](olds[name])
@@ -297,11 +308,24 @@ class Directory:
                         current.pop(name, None)
                         if new is not None:
                             current[name] = new
-                    refs, more = await self._store_bucket(
-                        ref.lo, list(current.values()), alone=len(buckets) == 1
-                    )
-                    uploaded += more
-                    replaced[index] = [] if not current and index > 0 else refs
+                    if not current and index > 0:
+                        replaced[index] = []  # emptied: the previous bucket's range covers it
+                    else:
+                        contents[index] = _pieces(buckets[index].lo, list(current.values()))
+                # The whole directory inside its root while it fits: every bucket left as it is must be
+                # inline already, and the root with the rewritten ones inline must stay in the budget.
+                kept = [ref for index, ref in enumerate(buckets) if index not in by_bucket]
+                inline_size = len(version.plaintext) - sum(buckets[i].encoded_size for i in by_bucket)
+                inline_size += sum(BUCKET_REF_HEADER + len(p[2]) for ps in contents.values() for p in ps)
+                inline = all(ref.inline is not None for ref in kept) and inline_size <= ROOT_INLINE_MAX
+                for index, pieces in contents.items():
+                    replaced[index] = [await self._store_piece(p, inline, uploaded) for p in pieces]
+                if not inline:  # it outgrew its root: the buckets still inside go to files too
+                    for index, ref in enumerate(buckets):
+                        if index not in by_bucket and ref.inline is not None:
+                            entries = list((await self._bucket_entries(ref)).values())
+                            piece = (ref.lo, entries, ref.inline)
+                            replaced[index] = [await self._store_piece(piece, False, uploaded)]
             except NotEnoughSharesError:
                 await self._forget(uploaded)
                 if attempt:
@@ -333,28 +357,21 @@ class Directory:
             return olds
         raise GridError(f"gave up changing the directory after {MAX_ATTEMPTS} conflicting writers")
 
-    async def _store_bucket(
-        self, lo: int, entries: list[Entry], alone: bool
-    ) -> tuple[list[BucketRef], list[str]]:
-        """Bucket refs for these entries (split when large). A small directory's only bucket lives in
-        the root; once a directory has several buckets every bucket is its own immutable file, so the
-        root stays a compact index (about 170 bytes per bucket) that every change rewrites."""
-        encoded = encode_bucket(entries)
-        pieces = split_entries(lo, entries) if len(encoded) > BUCKET_SPLIT_BYTES else [(lo, entries)]
-        refs, uploaded = [], []
-        for piece_lo, piece in pieces:
-            data = encoded if len(pieces) == 1 else encode_bucket(piece)
-            if alone and len(pieces) == 1 and len(data) <= BUCKET_INLINE_MAX:
-                key: str | bytes = data
-                refs.append(BucketRef(piece_lo, len(piece), inline=data))
-            else:
-                key = str(await upload(self.grid, BytesSource(data)))
-                uploaded.append(key)
-                refs.append(BucketRef(piece_lo, len(piece), cap=key))
-            # The next change or lookup here starts from this bucket: keep it decoded rather than
-            # fetch it back from the grid (a locate on every node plus k share reads) or decode it.
-            _BUCKETS.put(key, {e.name: _copy_entry(e) for e in piece}, len(data))
-        return refs, uploaded
+    async def _store_piece(self, piece: Piece, inline: bool, uploaded: list[str]) -> BucketRef:
+        """The reference to one bucket: its encoding inside the root, or an immutable file uploaded now
+        (its cap added to `uploaded`). Either way the decoded bucket goes into the shared cache: the
+        next change or lookup here starts from it, instead of fetching it back from the grid (a locate
+        on every node plus k share reads) or decoding it again."""
+        lo, entries, data = piece
+        if inline:
+            key: str | bytes = data
+            ref = BucketRef(lo, len(entries), inline=data)
+        else:
+            key = str(await upload(self.grid, BytesSource(data), size=len(data)))
+            uploaded.append(key)
+            ref = BucketRef(lo, len(entries), cap=key)
+        _BUCKETS.put(key, {e.name: _copy_entry(e) for e in entries}, len(data))
+        return ref
 
     async def _forget(self, caps: list[str]) -> None:
         for text in caps:
