@@ -494,3 +494,30 @@ def test_edits_of_a_large_file_fetch_lazily_and_stay_exact(mounted, tmp_path: Pa
                 os.ftruncate(a.fileno(), new)
                 os.ftruncate(b.fileno(), new)
     assert (mnt / "big").read_bytes() == (tmp_path / "big").read_bytes()
+
+
+def test_spool_files_are_reused_and_removed_at_unmount(mounted) -> None:
+    """Writing many files one after another keeps at most SPOOL_POOL_FILES empty spool files around
+    (reused, not made and deleted per file); unmount removes them."""
+    import json
+
+    from tahoefs.fs.spool import SPOOL_POOL_FILES
+
+    grid, mnt, root = mounted
+    state = next((grid.home / "mounts").glob("*[0-9a-f].json"))
+    pid = json.loads(state.read_text())["pid"]
+    mine = lambda: list((grid.home / "spool").glob(f"{pid}-*.data"))  # noqa: E731
+    for i in range(3 * SPOOL_POOL_FILES):
+        (mnt / f"f{i}").write_bytes(os.urandom(5000 + i))
+    assert 0 < len(mine()) <= SPOOL_POOL_FILES
+    assert all(p.stat().st_size == 0 for p in mine())  # emptied when given back
+    for i in range(3 * SPOOL_POOL_FILES):
+        with open(mnt / f"f{i}", "r+b") as f:  # an edit: a spool from the pool, filled from the grid
+            f.seek(10)
+            f.write(b"edited")
+    grid.run("umount", str(mnt), check=True)
+    assert mine() == []
+    grid.run("mount", root, str(mnt), check=True)
+    for i in range(3 * SPOOL_POOL_FILES):
+        data = (mnt / f"f{i}").read_bytes()
+        assert len(data) == 5000 + i and data[10:16] == b"edited"

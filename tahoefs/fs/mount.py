@@ -175,6 +175,7 @@ async def serve(request: MountRequest, ready: Callable[[], None]) -> None:
                             journal.count(),
                         )
                     journal.close()
+                fs.spools.close()
                 unsaved = await fs.pending()
                 left = journal.count() if journal is not None else 0
                 if unsaved or left:

@@ -47,7 +47,7 @@ from tahoefs.formats.dirformat import (
 from tahoefs.fs.inodes import ROOT_INODE, Inode, InodeTable, attributes
 from tahoefs.fs.journal import OWN, Journal, decode_entry_b64, encode_entry_b64
 from tahoefs.fs.readcache import ReadCache
-from tahoefs.fs.spool import CHUNK, Spool, file_source, leftovers
+from tahoefs.fs.spool import CHUNK, Spool, SpoolPool, file_source, leftovers
 from tahoefs.grid.client import GridClient
 from tahoefs.grid.delete import delete_file
 from tahoefs.grid.directory import Directory
@@ -114,6 +114,7 @@ class TahoeFS(pyfuse3.Operations):
         self.grid = grid
         self.table = InodeTable(root, root_entry)
         self.spool_dir = spool_dir
+        self.spools = SpoolPool(spool_dir)
         self.read_only = read_only
         self.handles: dict[int, Handle] = {}
         self.listings: dict[int, list[Entry]] = {}
@@ -355,7 +356,7 @@ class TahoeFS(pyfuse3.Operations):
             entry = self._new_entry(name, KIND_FILE, mode, ctx)
             self._record(parent, name, entry)  # visible and durable now, empty
             node = self.table.remember(parent, entry)
-            spool = Spool(self.spool_dir)
+            spool = self.spools.new()
             spool.start_from(0)  # a new, empty file: no base content
             node.spool = spool
             fh = self._new_fh(Handle(node, True))
@@ -591,7 +592,7 @@ class TahoeFS(pyfuse3.Operations):
         """The node's spool, created on first need. It holds the committed content only where filled
         (`_fill`): an edit fetches just the chunks it touches."""
         if node.spool is None:
-            spool = Spool(self.spool_dir)
+            spool = self.spools.new()
             spool.start_from(node.entry.size)
             spool.base_entry = copy.deepcopy(node.entry)
             node.spool = spool

@@ -15,16 +15,64 @@ from pathlib import Path
 from tahoefs.grid.upload import ByteSource
 
 CHUNK = 1024 * 1024  # base content is fetched into a spool this much at a time
+SPOOL_POOL_FILES = 8  # empty spool files a mount keeps open for its next new spools
+
+
+class SpoolPool:
+    """Where a mount's spools come from: empty spool files kept open for reuse, up to `limit`.
+
+    Creating a file for every file written and deleting it after costs an inode allocation and a
+    deletion on the spool's disk: 0.2 to 0.5 ms each on a busy ext4, on the event loop, on the path of
+    every create and close. A spool given back clean (never described) is truncated to empty and kept
+    instead. Files left in the pool by a mount that died have no description, so the next mount removes
+    them with the other undescribed leftovers."""
+
+    def __init__(self, folder: Path, limit: int = SPOOL_POOL_FILES) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.limit = limit
+        self._free: list[tuple[str, int]] = []  # (spool id, open fd) of empty files
+
+    def new(self) -> Spool:
+        """An empty spool, from the pool when it has one."""
+        if self._free:
+            spool_id, fd = self._free.pop()
+            return Spool(self.folder, self, (spool_id, fd))
+        return Spool(self.folder, self)
+
+    def take_back(self, spool_id: str, fd: int) -> bool:
+        """Keep a clean spool's file for reuse (emptied now); False when the pool is full."""
+        if len(self._free) >= self.limit:
+            return False
+        os.ftruncate(fd, 0)
+        self._free.append((spool_id, fd))
+        return True
+
+    def close(self) -> None:
+        """Delete the pooled files (at unmount)."""
+        for spool_id, fd in self._free:
+            os.close(fd)
+            (self.folder / f"{spool_id}.data").unlink(missing_ok=True)
+        self._free = []
 
 
 class Spool:
-    def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+    def __init__(
+        self, folder: Path, pool: SpoolPool | None = None, reuse: tuple[str, int] | None = None
+    ) -> None:
+        """A new, empty spool in `folder`: a new file, or `reuse` = (id, fd) of an empty one of `pool`'s.
+        `discard` gives a clean spool's file back to `pool`."""
+        self.pool = pool
         # The owner's pid leads the name: a live mount's spools are never taken for leftovers.
-        self.id = f"{os.getpid()}-{secrets.token_hex(8)}"
+        if reuse is not None:
+            self.id, self.fd = reuse
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.id = f"{os.getpid()}-{secrets.token_hex(8)}"
+            self.fd = os.open(folder / f"{self.id}.data", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self.path = folder / f"{self.id}.data"
         self.meta_path = folder / f"{self.id}.json"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self.described = False
         self.size = 0
         self.loaded = False  # holds the file's content (fetched, or truncated to empty)
         self.dirty = False
@@ -90,6 +138,7 @@ class Spool:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.meta_path)
+        self.described = True
 
     def source(self) -> ByteSource:
         return _SpoolReader(self)
@@ -98,6 +147,16 @@ class Spool:
         os.fsync(self.fd)
 
     def discard(self) -> None:
+        """Done with this spool: its file goes back to the pool (emptied) if it was never described
+        and the pool has room, else it is deleted with its description."""
+        if (
+            self.fd >= 0
+            and not self.described
+            and self.pool is not None
+            and self.pool.take_back(self.id, self.fd)
+        ):
+            self.fd = -1
+            return
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
