@@ -62,6 +62,8 @@ class Journal:
         self._generation: dict[tuple[str, bytes], int] = {}
         self._counter = 0
         self._wakeup = trio.Event()
+        self._batching: trio.CancelScope | None = None  # the flusher's batching delay, while it runs
+        self._urgent = 0  # callers in wait_idle: no batching delay while there are any
         self._idle = trio.Event()
         self._idle.set()
         self.errors: list[str] = []
@@ -192,11 +194,15 @@ class Journal:
         os.fsync(self.fd)
 
     async def run(self) -> None:
-        """The flusher: batches changes for FLUSH_DELAY, pushes them, retries after errors."""
+        """The flusher: batches changes for FLUSH_DELAY, pushes them, retries after errors. While
+        someone waits in wait_idle it does not batch: it pushes at once."""
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-            await trio.sleep(FLUSH_DELAY)
+            if not self._urgent:
+                with trio.CancelScope() as self._batching:
+                    await trio.sleep(FLUSH_DELAY)
+                self._batching = None
             try:
                 await self.flush_once()
             except Exception as exc:
@@ -221,9 +227,16 @@ class Journal:
             self._truncate()
 
     async def wait_idle(self) -> None:
-        """Until nothing is pending (flushes right away)."""
-        self._wakeup.set()
-        await self._idle.wait()
+        """Until nothing is pending; the flusher pushes right away (cutting its batching delay short)
+        until then."""
+        self._urgent += 1
+        try:
+            self._wakeup.set()
+            if self._batching is not None:
+                self._batching.cancel()
+            await self._idle.wait()
+        finally:
+            self._urgent -= 1
 
     def close(self) -> None:
         os.close(self.fd)
