@@ -21,6 +21,12 @@ UPLOAD_WINDOW_SEGMENTS = 4
 # 3-of-10) on top of UPLOAD_WINDOW_SEGMENTS' 13 MiB.
 ENCODE_AHEAD_SEGMENTS = 1
 
+# A mount's upload returns once `happy` nodes committed their shares; the PUTs of the other shares finish
+# in the background, as long as the shares still being sent by all such uploads total at most this many
+# bytes (each counted whole). Beyond, an upload waits for all its PUTs. For small files this takes the
+# slowest nodes off the path of close(): 0.5 ms on average, up to 2 ms, of a 6 KB file's 8 ms.
+UPLOAD_LINGER_BYTES = 8 * MiB
+
 # Segments fetched ahead of the reader during a sequential download: at most this many segments'
 # k blocks (≈ 1 MiB each) plus their decoded plaintext are held at once.
 DOWNLOAD_WINDOW_SEGMENTS = 4

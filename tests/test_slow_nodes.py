@@ -107,3 +107,35 @@ def test_a_node_that_stops_answering_costs_a_read_at_most_the_stall_deadline(
     assert url in proc.stderr.decode(), proc.stderr
     # Bounded by the deadline, not by the node; the margin is for the read itself on a loaded machine.
     assert elapsed < stall_deadline + 5, (elapsed, proc.stderr)
+
+
+def test_a_mount_upload_returns_at_happy_and_a_slow_nodes_put_finishes_after(grid: LocalGrid) -> None:
+    """With a Lingering (as the mount uploads), an upload returns once `happy` nodes committed; the PUT
+    to a node that answers 3 s late finishes in the background, and the file ends with all 10 shares.
+    When the stragglers would not fit in the lingering budget, the upload waits for all, as the CLI's."""
+    import trio
+
+    from tahoefs.grid.client import GridClient
+    from tahoefs.grid.streams import Lingering
+    from tahoefs.grid.upload import BytesSource, upload
+
+    data = os.urandom(6000)
+    with _proxied(grid, [0], "--delay", "3") as grid_file:
+
+        async def main() -> tuple[str, str]:
+            config = load_grid(grid_file)
+            async with GridClient(config, grid.client_secret()) as client, trio.open_nursery() as nursery:
+                lingering = Lingering(nursery, 1 << 20)
+                cap = await upload(client, BytesSource(data), size=len(data), lingering=lingering)
+                assert lingering.uploads == 1  # node 0's PUT is still waiting for its answer
+                await lingering.wait_idle()
+                assert lingering.uploads == 0 and lingering.left == 1 << 20
+                tight = Lingering(nursery, 1)  # room for no straggler at all
+                other = await upload(client, BytesSource(data), size=len(data), lingering=tight)
+                assert tight.uploads == 0  # returned only after every PUT, node 0's included
+            return str(cap), str(other)
+
+        caps = trio.run(main)
+    for cap in caps:
+        assert len(grid.share_files(b32encode(parse_cap(cap).storage_index))) == 10  # type: ignore[union-attr]
+        assert grid.get_bytes(cap) == data

@@ -163,6 +163,7 @@ async def serve(request: MountRequest, ready: Callable[[], None]) -> None:
                 nursery.start_soon(_on_signals)
                 nursery.start_soon(_raise_read_ahead, mountpoint)
                 await pyfuse3.main()
+                await fs.stop_lingering()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):

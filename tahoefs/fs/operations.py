@@ -51,7 +51,9 @@ from tahoefs.fs.spool import CHUNK, Spool, SpoolPool, file_source, leftovers
 from tahoefs.grid.client import GridClient
 from tahoefs.grid.delete import delete_file
 from tahoefs.grid.directory import Directory
+from tahoefs.grid.streams import Lingering
 from tahoefs.grid.upload import upload
+from tahoefs.limits import UPLOAD_LINGER_BYTES
 
 log = logging.getLogger("tahoefs.fs")
 CAP_XATTR = b"user.tahoefs.cap"  # virtual, read-only: the read cap of a file or directory
@@ -124,10 +126,21 @@ class TahoeFS(pyfuse3.Operations):
         self.errors: list[str] = []
         self.dirs: dict[str, Directory] = {str(root.cap): root}
         self.journal: Journal | None = None
+        self.lingering: Lingering | None = None  # see start()
 
     def start(self, nursery: trio.Nursery, journal: Journal | None) -> None:
         self.cache = ReadCache(self.grid, nursery)
         self.journal = journal
+        self.lingering = Lingering(nursery, UPLOAD_LINGER_BYTES)
+
+    async def stop_lingering(self) -> None:
+        """Wait for the PUTs of uploads that already returned (at most three stall timeouts: the rest
+        are then cancelled with the mount's nursery; their files keep at least `happy` shares); later
+        uploads wait for all of theirs."""
+        if self.lingering is not None:
+            with trio.move_on_after(3 * self.grid.stall_timeout):
+                await self.lingering.wait_idle()
+            self.lingering = None
 
     async def apply_changes(self, dir_cap: str, changes: dict[bytes, Entry | None]) -> None:
         """The journal's grid step: one new version of one directory with all these changes."""
@@ -669,7 +682,7 @@ class TahoeFS(pyfuse3.Operations):
                 def progress(done: int) -> None:
                     self.uploads_in_flight[target] = done
 
-                cap = await upload(self.grid, spool.source(), progress, size)
+                cap = await upload(self.grid, spool.source(), progress, size, self.lingering)
                 inline, cap_text = b"", str(cap)
             old = None
             if not self._orphaned(node):

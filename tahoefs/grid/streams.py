@@ -14,6 +14,7 @@ answered 201 for the whole body; a share cancelled before then is discarded by t
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,9 +28,42 @@ from tahoefs.grid.client import GridClient
 from tahoefs.limits import HASH_CHUNK_LEAVES, UPLOAD_WINDOW_SEGMENTS
 from tahoefs.storage.client import NodeClient
 
+log = logging.getLogger(__name__)
 LEAF_SPOOL_MEMORY = 64 * 1024  # per share; beyond this block hashes spill to a temp file
 COALESCE_BYTES = 64 * 1024  # a share body smaller than this goes out in one piece
 T = TypeVar("T")
+
+
+class Lingering:
+    """Where the last PUTs of uploads that already returned may finish: a long-lived nursery (the
+    mount's), and a bound on the share bytes those PUTs may still hold (`limit_bytes`: each straggling
+    share counts its whole length). An upload whose stragglers do not fit waits for them as before."""
+
+    def __init__(self, nursery: trio.Nursery, limit_bytes: int) -> None:
+        self.nursery = nursery
+        self.left = limit_bytes
+        self.uploads = 0  # uploads with PUTs still running here
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def reserve(self, size: int) -> bool:
+        if size > self.left:
+            return False
+        self.left -= size
+        self.uploads += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        return True
+
+    def release(self, size: int) -> None:
+        self.left += size
+        self.uploads -= 1
+        if not self.uploads:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until every lingering PUT has finished (at unmount)."""
+        await self._idle.wait()
 
 
 @dataclass
@@ -76,6 +110,10 @@ class ShareStreams:
         channels = {num: trio.open_memory_channel[object](UPLOAD_WINDOW_SEGMENTS) for num in self.shares}
         self._senders = {num: s for num, (s, _) in channels.items()}
         self._receivers = {num: r for num, (_, r) in channels.items()}
+        self._running = 0  # writers not finished yet
+        self._produced = False
+        self._changed = trio.Event()  # set (and replaced) whenever a writer finishes
+        self._lingering: tuple[Lingering, int] | None = None
 
     # -- placement -------------------------------------------------------------------------------
     def _next_node(self, share: ShareUpload) -> NodeClient | None:
@@ -183,24 +221,84 @@ class ShareStreams:
                     await self._senders[share.num].send(_Trailer(tails[share.num]))
             await self._senders[share.num].aclose()
 
-    async def run(self, produce: Callable[[], Awaitable[T]]) -> T:
-        """Place the shares, run the writers and `produce()` until every share committed or failed.
-        Returns what produce returned; an error in produce cancels every PUT (nothing is committed)."""
-        try:
-            for share in self.shares.values():
-                self._place(share)
+    async def run(self, produce: Callable[[], Awaitable[T]], lingering: Lingering | None = None) -> T:
+        """Place the shares, run the writers and `produce()` until every share committed or failed, and
+        return what produce returned. An error in produce, or a cancellation, cancels every PUT
+        (nothing is committed).
+
+        With `lingering`, the writers run in its nursery, and run() may return as soon as `happy`
+        distinct nodes committed a share, once produce is done: the other shares' PUTs, already sent in
+        full or nearly, then finish in the background, within the lingering budget."""
+        for share in self.shares.values():
+            self._place(share)
+        if lingering is None:
             async with trio.open_nursery() as nursery:
-                for share in self.shares.values():
-                    if share.node is not None:
-                        nursery.start_soon(self._write_share, share)
-                    else:
-                        self._senders[share.num].close()
-                try:
-                    return await produce()
-                except BaseException:
-                    nursery.cancel_scope.cancel()
-                    raise
+                return await self._run_writers(nursery, produce, None)
+        return await self._run_writers(lingering.nursery, produce, lingering)
+
+    async def _run_writers(
+        self, nursery: trio.Nursery, produce: Callable[[], Awaitable[T]], lingering: Lingering | None
+    ) -> T:
+        for share in self.shares.values():
+            if share.node is not None:
+                self._running += 1
+                nursery.start_soon(self._writer, share)
+            else:
+                self._senders[share.num].close()
+        try:
+            try:
+                result = await produce()
+            finally:
+                self._produced = True
+                self._close_files_when_done()
+            while self._running and not (lingering is not None and self._may_linger(lingering)):
+                await self._changed.wait()
+            return result
+        except BaseException:
+            for share in self.shares.values():
+                share.cancel_scope.cancel()
+            with trio.CancelScope(shield=True):
+                while self._running:
+                    await self._changed.wait()
+            raise
+
+    def _may_linger(self, lingering: Lingering) -> bool:
+        """Enough shares are committed, and the rest fit in the lingering budget (reserved now)."""
+        if self.share_length is None or len(self.holders()) < self.grid.happy:
+            return False
+        still = sum(
+            1 for s in self.shares.values() if s.node is not None and s.error is None and not s.committed
+        )
+        if not lingering.reserve(still * self.share_length):
+            return False
+        self._lingering = (lingering, still * self.share_length)
+        return True
+
+    async def _writer(self, share: ShareUpload) -> None:
+        """One share's PUT; never raises (but for cancellation), so a lingering writer cannot take its
+        nursery down."""
+        try:
+            await self._write_share(share)
+        except Exception as exc:  # a bug: the share fails like a node would, the upload goes on
+            log.exception("share writer failed")
+            self.fail_share(
+                share, NodeError(share.node.name if share.node else "?", f"internal error: {exc}")
+            )
         finally:
+            self._running -= 1
+            self._changed.set()
+            self._changed = trio.Event()
+            if not self._running:
+                self._close_files_when_done()
+                if self._lingering is not None:
+                    lingering, reserved = self._lingering
+                    lingering.release(reserved)
+                    self._lingering = None
+
+    def _close_files_when_done(self) -> None:
+        """The block-hash files are read by the writers (trailers) and written by produce: closed once
+        both are done."""
+        if self._produced and not self._running:
             for f in self._leaf_files.values():
                 f.close()
 

@@ -22,7 +22,7 @@ from tahoefs.formats.codec import encode_segment
 from tahoefs.formats.hashing import storage_index_for_key
 from tahoefs.formats.share import UEB, ShareLayout, build_trailer_tail, share_roots_hash
 from tahoefs.grid.client import GridClient
-from tahoefs.grid.streams import ShareStreams
+from tahoefs.grid.streams import Lingering, ShareStreams
 from tahoefs.limits import ENCODE_AHEAD_SEGMENTS, HASH_CHUNK_LEAVES, LITERAL_MAX, SEGMENT_SIZE
 
 
@@ -73,9 +73,14 @@ class _Encoding:
 
 class _Upload:
     def __init__(
-        self, grid: GridClient, progress: Callable[[int], None] | None, size: int | None = None
+        self,
+        grid: GridClient,
+        progress: Callable[[int], None] | None,
+        size: int | None = None,
+        lingering: Lingering | None = None,
     ) -> None:
         self.grid = grid
+        self.lingering = lingering
         self.size = size
         self.k, self.n, self.happy = grid.needed, grid.total, grid.happy
         self.key = os.urandom(32)
@@ -165,7 +170,7 @@ class _Upload:
     async def run(self, source: ByteSource, first: bytes) -> FileCap:
         try:
             with ungrouped():
-                ueb = await self.streams.run(lambda: self._produce(source, first))
+                ueb = await self.streams.run(lambda: self._produce(source, first), self.lingering)
             if len(self.streams.holders()) < self.happy:
                 raise self._unhappy()
         except UploadUnhappyError:
@@ -189,14 +194,17 @@ async def upload(
     source: ByteSource,
     progress: Callable[[int], None] | None = None,
     size: int | None = None,
+    lingering: Lingering | None = None,
 ) -> FileCap | LiteralCap:
     """Upload everything `source` yields and return its read cap. Pass `size` when it is known (a
     regular file): shares then go with a Content-Length, and a file that changes size meanwhile raises
     SourceChangedError instead of uploading something else.
 
     Returns only when at least `happy` distinct nodes committed a share (or the data fit in a literal
-    cap). Raises UploadUnhappyError (GridFullError when nodes are full) otherwise, after deleting any
-    shares it did place. Memory: UPLOAD_WINDOW_SEGMENTS segments of blocks plus one segment being
+    cap). Without `lingering` it also waits for every other share's PUT to end; with it (and a known
+    size), the PUTs still running then finish in its nursery (ShareStreams.run). Raises
+    UploadUnhappyError (GridFullError when nodes are full) otherwise, after deleting any shares it did
+    place. Memory: UPLOAD_WINDOW_SEGMENTS segments of blocks plus one segment being
     encoded, whatever the size of the source."""
     first = await read_exactly(source, SEGMENT_SIZE if size is None else min(size, SEGMENT_SIZE))
     if size is not None and len(first) < min(size, SEGMENT_SIZE):
@@ -205,4 +213,4 @@ async def upload(
         if progress:
             progress(len(first))
         return LiteralCap(first)
-    return await _Upload(grid, progress, size).run(source, first)
+    return await _Upload(grid, progress, size, lingering).run(source, first)
