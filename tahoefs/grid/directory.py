@@ -99,6 +99,12 @@ class _BucketCache:
 _BUCKETS = _BucketCache(BUCKET_CACHE_BYTES)
 
 
+def drop_bucket_cache() -> None:
+    """Forget every decoded bucket, as a new process would start (benchmarks of a fresh reader)."""
+    global _BUCKETS
+    _BUCKETS = _BucketCache(BUCKET_CACHE_BYTES)
+
+
 def _pieces(lo: int, entries: list[Entry]) -> list[Piece]:
     """The bucket starting at `lo` holding `entries`, split when its encoding is over BUCKET_SPLIT_BYTES:
     (lo, entries, encoding) per piece."""
