@@ -27,6 +27,10 @@ ENCODE_AHEAD_SEGMENTS = 1
 # slowest nodes off the path of close(): 0.5 ms on average, up to 2 ms, of a 6 KB file's 8 ms.
 UPLOAD_LINGER_BYTES = 8 * MiB
 
+# CPU work on fewer bytes than this runs on the event loop instead of a worker thread (grid/cpu.py): a
+# thread hop costs about 160 µs, more than encoding a small file's segment (about 45 µs for 6 KB).
+THREAD_MIN_BYTES = 64 * 1024
+
 # Segments fetched ahead of the reader during a sequential download: at most this many segments'
 # k blocks (≈ 1 MiB each) plus their decoded plaintext are held at once.
 DOWNLOAD_WINDOW_SEGMENTS = 4

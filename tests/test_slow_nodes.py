@@ -111,18 +111,19 @@ def test_a_node_that_stops_answering_costs_a_read_at_most_the_stall_deadline(
 
 def test_a_mount_upload_returns_at_happy_and_a_slow_nodes_put_finishes_after(grid: LocalGrid) -> None:
     """With a Lingering (as the mount uploads), an upload returns once `happy` nodes committed; the PUT
-    to a node that answers 3 s late finishes in the background, and the file ends with all 10 shares.
+    to a node that answers 6 s late finishes in the background, and the file ends with all 10 shares.
     When the stragglers would not fit in the lingering budget, the upload waits for all, as the CLI's."""
     import trio
 
     from tahoefs.grid.client import GridClient
+    from tahoefs.grid.delete import delete_file
     from tahoefs.grid.streams import Lingering
     from tahoefs.grid.upload import BytesSource, upload
 
     data = os.urandom(6000)
-    with _proxied(grid, [0], "--delay", "3") as grid_file:
+    with _proxied(grid, [0], "--delay", "6") as grid_file:
 
-        async def main() -> tuple[str, str]:
+        async def main() -> tuple[str, str, str]:
             config = load_grid(grid_file)
             async with GridClient(config, grid.client_secret()) as client, trio.open_nursery() as nursery:
                 lingering = Lingering(nursery, 1 << 20)
@@ -133,9 +134,18 @@ def test_a_mount_upload_returns_at_happy_and_a_slow_nodes_put_finishes_after(gri
                 tight = Lingering(nursery, 1)  # room for no straggler at all
                 other = await upload(client, BytesSource(data), size=len(data), lingering=tight)
                 assert tight.uploads == 0  # returned only after every PUT, node 0's included
-            return str(cap), str(other)
+                # A file dropped while its last PUT still runs: settle() cancels that PUT and waits
+                # for it, so the delete that follows leaves no share behind on any node.
+                dropped = await upload(client, BytesSource(data), size=len(data), lingering=lingering)
+                assert lingering.uploads == 1
+                with trio.fail_after(4):  # well before the 6 s the slow node would take to answer
+                    await lingering.settle(dropped.storage_index)  # type: ignore[union-attr]
+                assert lingering.uploads == 0
+                await delete_file(client, dropped)  # type: ignore[arg-type]
+            return str(cap), str(other), str(dropped)
 
-        caps = trio.run(main)
-    for cap in caps:
-        assert len(grid.share_files(b32encode(parse_cap(cap).storage_index))) == 10  # type: ignore[union-attr]
-        assert grid.get_bytes(cap) == data
+        cap, other, dropped = trio.run(main)
+    for kept in (cap, other):
+        assert len(grid.share_files(b32encode(parse_cap(kept).storage_index))) == 10  # type: ignore[union-attr]
+        assert grid.get_bytes(kept) == data
+    assert grid.share_files(b32encode(parse_cap(dropped).storage_index)) == {}  # type: ignore[union-attr]

@@ -166,10 +166,13 @@ async def serve(request: MountRequest, ready: Callable[[], None]) -> None:
                 await fs.stop_lingering()
                 nursery.cancel_scope.cancel()
         finally:
+            fs.lingering = None  # its nursery is closed: uploads from here on wait for all their PUTs
             with trio.CancelScope(shield=True):
                 await fs.commit_all()
                 if journal is not None:
-                    await journal.drain(UMOUNT_WAIT - 60)
+                    # What is left of `tahoefs umount`'s patience, less the lingering PUTs' stall
+                    # timeout (stop_lingering) and a minute for the rest.
+                    await journal.drain(max(30.0, UMOUNT_WAIT - 60 - grid.stall_timeout))
                     if journal.count():
                         log.error(
                             "%d directory changes could not reach the grid; the next mount pushes them",

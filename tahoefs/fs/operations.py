@@ -134,11 +134,11 @@ class TahoeFS(pyfuse3.Operations):
         self.lingering = Lingering(nursery, UPLOAD_LINGER_BYTES)
 
     async def stop_lingering(self) -> None:
-        """Wait for the PUTs of uploads that already returned (at most three stall timeouts: the rest
-        are then cancelled with the mount's nursery; their files keep at least `happy` shares); later
+        """Wait for the PUTs of uploads that already returned (at most one stall timeout: the rest are
+        then cancelled with the mount's nursery; their files keep at least `happy` shares); later
         uploads wait for all of theirs."""
         if self.lingering is not None:
-            with trio.move_on_after(3 * self.grid.stall_timeout):
+            with trio.move_on_after(self.grid.stall_timeout):
                 await self.lingering.wait_idle()
             self.lingering = None
 
@@ -163,6 +163,8 @@ class TahoeFS(pyfuse3.Operations):
             if isinstance(cap, FileCap):
                 if self.cache is not None:
                     self.cache.drop(text)
+                if self.lingering is not None:
+                    await self.lingering.settle(cap.storage_index)  # its last PUTs, if any, first
                 await delete_file(self.grid, cap)
 
     # -- helpers ---------------------------------------------------------------------------------

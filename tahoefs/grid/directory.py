@@ -41,6 +41,7 @@ from tahoefs.formats.dirformat import (
     decode_bucket,
     decode_root_own,
     encode_bucket,
+    encode_own,
     encode_root,
     name_hash,
     seal_write_cap,
@@ -56,9 +57,11 @@ from tahoefs.grid.upload import BytesSource, upload
 
 MAX_ATTEMPTS = 30
 FRESH_SECONDS = 5.0  # how old a directory version reads may use
-# Decoded buckets kept for lookups, shared by every Directory of the process and bounded by the bytes of
-# their encodings (a decoded bucket takes several times that): without it every lookup of a name decoded
-# its whole bucket again, 6.7 ms for a name in a 10,000-entry folder (an lstat after the kernel's 1 s).
+# Decoded buckets kept for lookups and changes, the ones read and the ones written, shared by every
+# Directory of the process and bounded by the bytes of their encodings (a decoded bucket takes several
+# times that): without it every lookup of a name decoded its whole bucket again, 6.7 ms for a name in a
+# 10,000-entry folder (an lstat after the kernel's 1 s), and every change fetched back from the grid the
+# bucket it had just written.
 BUCKET_CACHE_BYTES = 4 * 1024 * 1024
 Change = Callable[["Entry | None"], "Entry | None"]
 Piece = tuple[int, list[Entry], bytes]  # a bucket to store: its lo, its entries, their encoding
@@ -103,6 +106,11 @@ def drop_bucket_cache() -> None:
     """Forget every decoded bucket, as a new process would start (benchmarks of a fresh reader)."""
     global _BUCKETS
     _BUCKETS = _BucketCache(BUCKET_CACHE_BYTES)
+
+
+def _own_size(own: Entry | None) -> int:
+    """Bytes a directory's own attributes take in its root (their length field included)."""
+    return 0 if own is None else 4 + len(encode_own(own))
 
 
 def _pieces(lo: int, entries: list[Entry]) -> list[Piece]:
@@ -322,6 +330,7 @@ class Directory:
                 # inline already, and the root with the rewritten ones inline must stay in the budget.
                 kept = [ref for index, ref in enumerate(buckets) if index not in by_bucket]
                 inline_size = len(version.plaintext) - sum(buckets[i].encoded_size for i in by_bucket)
+                inline_size += _own_size(new_own) - _own_size(self._own)  # `version` carries self._own
                 inline_size += sum(BUCKET_REF_HEADER + len(p[2]) for ps in contents.values() for p in ps)
                 inline = all(ref.inline is not None for ref in kept) and inline_size <= ROOT_INLINE_MAX
                 for index, pieces in contents.items():

@@ -25,6 +25,7 @@ from tahoefs.formats.codec import block_hash, decode_segment
 from tahoefs.formats.hashing import HASH_SIZE
 from tahoefs.formats.share import VerifiedTrailer, parse_trailer, verify_leaves
 from tahoefs.grid.client import GridClient
+from tahoefs.grid.cpu import crunch
 from tahoefs.limits import (
     DOWNLOAD_WINDOW_SEGMENTS,
     HEDGE_FACTOR,
@@ -181,7 +182,7 @@ class FileReader:
             ) from None
         except IntegrityError as exc:
             raise IntegrityError(source.node.name, exc.reason) from None
-        if await trio.to_thread.run_sync(block_hash, block) != leaf:
+        if await crunch(len(block), block_hash, block) != leaf:
             raise IntegrityError(source.node.name, f"block {segment} of share {source.num} is corrupt")
         self._record_fetch(source.node, trio.current_time() - started)
         return block
@@ -349,7 +350,7 @@ class FileReader:
         blocks = await self.verified_blocks(segment)
         offset = segment * segment_size
         length = min(segment_size, self.size - offset)
-        return await trio.to_thread.run_sync(decode_segment, self.key, offset, length, blocks, self.k, self.n)
+        return await crunch(length, decode_segment, self.key, offset, length, blocks, self.k, self.n)
 
     async def read(self, offset: int, size: int) -> bytes:
         """Up to `size` verified bytes from `offset` (fewer at end of file)."""

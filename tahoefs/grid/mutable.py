@@ -31,6 +31,7 @@ from tahoefs.errors import (
 from tahoefs.formats.caps import DirReadCap, DirVerifyCap, DirWriteCap
 from tahoefs.formats.mutable import MutableShare, decode_version, encode_version, parse_share, write_enabler
 from tahoefs.grid.client import GridClient
+from tahoefs.grid.cpu import crunch
 from tahoefs.storage.client import NodeClient, TestFailedError
 
 MAX_SLOT_READ = 2 * 1024 * 1024
@@ -92,7 +93,7 @@ class MutableObject:
         try:
             with trio.fail_after(self.grid.stall_timeout):
                 data, _seq = await node.read_slot(self.si, num, MAX_SLOT_READ)
-            return await trio.to_thread.run_sync(parse_share, data, self.si, self.vk_hash, num)
+            return await crunch(len(data), parse_share, data, self.si, self.vk_hash, num)
         except trio.TooSlowError:
             self._problem(node, "stalled")
         except IntegrityError as exc:
@@ -157,7 +158,7 @@ class MutableObject:
         placement = {nid: set(nums) for nid, nums in holders[vid].items()}
         if self.read_cap is None:
             return Version(vid[0], b"", vid[1], claims, placement)
-        plaintext = await trio.to_thread.run_sync(decode_version, self.read_cap.read_key, shares)
+        plaintext = await crunch(shares[0].data_length, decode_version, self.read_cap.read_key, shares)
         return Version(vid[0], plaintext, vid[1], claims, placement)
 
     async def publish(self, plaintext: bytes, based_on: Version | None) -> Version:
@@ -177,7 +178,7 @@ class MutableObject:
         base_seq = based_on.seqnum if based_on else 0
         claims = based_on.claims if based_on else {}
         new_seq = base_seq + 1
-        shares = await trio.to_thread.run_sync(encode_version, cap, new_seq, plaintext, k, n)
+        shares = await crunch(len(plaintext), encode_version, cap, new_seq, plaintext, k, n)
         ring = self.grid.permuted_nodes(self.si)
         accepted: set[str] = set()
         placed: dict[str, dict[int, int]] = {}

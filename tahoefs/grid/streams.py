@@ -43,23 +43,37 @@ class Lingering:
         self.nursery = nursery
         self.left = limit_bytes
         self.uploads = 0  # uploads with PUTs still running here
+        self._active: dict[bytes, ShareStreams] = {}  # those uploads, by storage index
         self._idle = trio.Event()
         self._idle.set()
 
-    def reserve(self, size: int) -> bool:
+    def reserve(self, streams: ShareStreams, size: int) -> bool:
         if size > self.left:
             return False
         self.left -= size
         self.uploads += 1
+        self._active[streams.si] = streams
         if self._idle.is_set():
             self._idle = trio.Event()
         return True
 
-    def release(self, size: int) -> None:
+    def release(self, streams: ShareStreams, size: int) -> None:
         self.left += size
         self.uploads -= 1
+        self._active.pop(streams.si, None)
         if not self.uploads:
             self._idle.set()
+
+    async def settle(self, si: bytes) -> None:
+        """Before the file with storage index `si` is deleted: cancel its PUTs still running here (a
+        node discards a share whose body was cut off) and wait until they are over, so that no share
+        commits after the delete and stays on a node for good."""
+        streams = self._active.get(si)
+        if streams is not None:
+            for share in streams.shares.values():
+                if not share.committed:
+                    share.cancel_scope.cancel()
+            await streams.finished.wait()
 
     async def wait_idle(self) -> None:
         """Until every lingering PUT has finished (at unmount)."""
@@ -113,6 +127,7 @@ class ShareStreams:
         self._running = 0  # writers not finished yet
         self._produced = False
         self._changed = trio.Event()  # set (and replaced) whenever a writer finishes
+        self.finished = trio.Event()  # set once every writer is over
         self._lingering: tuple[Lingering, int] | None = None
 
     # -- placement -------------------------------------------------------------------------------
@@ -239,14 +254,16 @@ class ShareStreams:
     async def _run_writers(
         self, nursery: trio.Nursery, produce: Callable[[], Awaitable[T]], lingering: Lingering | None
     ) -> T:
-        for share in self.shares.values():
-            if share.node is not None:
-                self._running += 1
-                nursery.start_soon(self._writer, share)
-            else:
-                self._senders[share.num].close()
         try:
             try:
+                for share in self.shares.values():
+                    if share.node is not None:
+                        nursery.start_soon(self._writer, share)
+                        self._running += 1
+                    else:
+                        self._senders[share.num].close()
+                if not self._running:
+                    self.finished.set()
                 result = await produce()
             finally:
                 self._produced = True
@@ -269,7 +286,7 @@ class ShareStreams:
         still = sum(
             1 for s in self.shares.values() if s.node is not None and s.error is None and not s.committed
         )
-        if not lingering.reserve(still * self.share_length):
+        if not lingering.reserve(self, still * self.share_length):
             return False
         self._lingering = (lingering, still * self.share_length)
         return True
@@ -289,10 +306,11 @@ class ShareStreams:
             self._changed.set()
             self._changed = trio.Event()
             if not self._running:
+                self.finished.set()
                 self._close_files_when_done()
                 if self._lingering is not None:
                     lingering, reserved = self._lingering
-                    lingering.release(reserved)
+                    lingering.release(self, reserved)
                     self._lingering = None
 
     def _close_files_when_done(self) -> None:

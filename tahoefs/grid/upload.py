@@ -22,6 +22,7 @@ from tahoefs.formats.codec import encode_segment
 from tahoefs.formats.hashing import storage_index_for_key
 from tahoefs.formats.share import UEB, ShareLayout, build_trailer_tail, share_roots_hash
 from tahoefs.grid.client import GridClient
+from tahoefs.grid.cpu import crunch
 from tahoefs.grid.streams import Lingering, ShareStreams
 from tahoefs.limits import ENCODE_AHEAD_SEGMENTS, HASH_CHUNK_LEAVES, LITERAL_MAX, SEGMENT_SIZE
 
@@ -162,8 +163,8 @@ class _Upload:
                 raise SourceChangedError("the file grew while it was being uploaded; try again")
 
     async def _encode(self, encoding: _Encoding, offset: int, plaintext: bytes) -> None:
-        encoding.result = await trio.to_thread.run_sync(
-            encode_segment, self.key, offset, plaintext, self.k, self.n
+        encoding.result = await crunch(
+            len(plaintext), encode_segment, self.key, offset, plaintext, self.k, self.n
         )
         encoding.done.set()
 

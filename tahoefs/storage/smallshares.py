@@ -115,6 +115,17 @@ class SmallShares:
         except sqlite3.IntegrityError:
             raise SmallShareExists from None
 
+    def delete_many(self, si: str, nums: list[int]) -> None:
+        """Remove these rows of `si` in one transaction: one fsync for all of them."""
+        with _errors():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("DELETE FROM shares WHERE si=? AND num=?", [(si, num) for num in nums])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
     def delete(self, si: str, num: int) -> None:
         """Remove the row (durably, like insert); no error when it is absent."""
         with _errors():
