@@ -149,3 +149,57 @@ def test_a_mount_upload_returns_at_happy_and_a_slow_nodes_put_finishes_after(gri
         assert len(grid.share_files(b32encode(parse_cap(kept).storage_index))) == 10  # type: ignore[union-attr]
         assert grid.get_bytes(kept) == data
     assert grid.share_files(b32encode(parse_cap(dropped).storage_index)) == {}  # type: ignore[union-attr]
+
+
+def test_status_shows_uploads_in_flight_lingering_shares_and_pending_directory_changes(
+    grid: LocalGrid, tmp_path: Path
+) -> None:
+    """`tahoefs status` while a mount works: a big file's upload in flight with its progress, a small
+    file saved whose last share (to a node answering 2 s late) is still being sent, and the directory
+    changes waiting in the journal; then nothing once all is on the grid."""
+    import json
+    import threading
+
+    alias = "st" + uuid.uuid4().hex[:6]
+    grid.run("mkfs", "--alias", alias, check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with _proxied(grid, [0], "--delay", "2") as grid_file:
+        grid.run("mount", "--grid", str(grid_file), alias, str(mnt), check=True)
+        try:
+            seen: dict[str, object] = {}
+
+            def write() -> None:
+                (mnt / "big.bin").write_bytes(os.urandom(48 * SEGMENT_SIZE))  # too big to linger
+                (mnt / "small.bin").write_bytes(os.urandom(6000))  # lingers: node 0 answers late
+
+            writer = threading.Thread(target=write)
+            writer.start()
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and (writer.is_alive() or len(seen) < 3):
+                rows = json.loads(grid.run("status", "--json", str(mnt), check=True).stdout)
+                st = rows[0].get("status") or {}
+                for up in st.get("uploads", []):
+                    if up["target"] == "big.bin" and up["bytes_done"] > 0:
+                        seen["upload"] = up["bytes_done"]
+                if st.get("finishing_uploads"):
+                    seen["finishing"] = st["finishing_uploads"]
+                if st.get("pending_directory_changes"):
+                    seen["pending"] = st["pending_directory_changes"]
+                time.sleep(0.2)
+            writer.join()
+            assert set(seen) == {"upload", "finishing", "pending"}, seen
+            fd = os.open(mnt, os.O_RDONLY)
+            os.fsync(fd)  # every directory change onto the grid
+            os.close(fd)
+            text = ""
+            for _ in range(50):  # the status file is rewritten every second
+                text = grid.run("status", str(mnt), check=True).stdout.decode()
+                if "still being sent" not in text and "not yet on the grid" not in text:
+                    break
+                time.sleep(0.2)
+            assert text.startswith(f"{mnt}: pid ") and "running" in text, text
+            assert "uploading" not in text and "not yet on the grid" not in text, text
+        finally:
+            if grid.run("umount", str(mnt)).returncode != 0:
+                subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)

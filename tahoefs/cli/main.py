@@ -352,6 +352,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"{r['mountpoint']}: pid {r['pid']} {'running' if r['alive'] else 'not running'}")
         for up in st.get("uploads", []):
             print(f"  uploading {up['target']}: {up['bytes_done'] / 1e6:.1f} MB done")
+        if st.get("finishing_uploads"):
+            print(f"  saved, last shares still being sent: {st['finishing_uploads']} files")
         for name in st.get("pending", []):
             print(f"  not yet saved: {name}")
         if st.get("pending_directory_changes"):

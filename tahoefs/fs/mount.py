@@ -213,6 +213,8 @@ async def _write_status(fs: TahoeFS, path: Path) -> None:
     while True:
         status = {
             "uploads": [{"target": t, "bytes_done": d} for t, d in fs.uploads_in_flight.items()],
+            # Files whose close() returned (on `happy` nodes) while their last shares are still sent.
+            "finishing_uploads": fs.lingering.uploads if fs.lingering is not None else 0,
             "pending": await fs.pending(),
             "pending_directory_changes": fs.pending_changes(),
             "journal_errors": fs.journal.errors if fs.journal else [],
