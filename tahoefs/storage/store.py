@@ -238,6 +238,10 @@ class ShareStore:
                 self.share_count -= 1
                 self.share_bytes -= size
                 return
+        self._delete_file(si, num, secret)
+
+    def _delete_file(self, si: str, num: int, secret: bytes) -> None:
+        """Remove a share stored as a file (see delete). Raises StoreError(404/403/500)."""
         path = self.share_path(si, num)
         try:
             with open(path, "rb") as f:
@@ -277,7 +281,7 @@ class ShareStore:
             if num in rows:
                 continue
             try:
-                self.delete(si, num, secret)
+                self._delete_file(si, num, secret)  # the rows were all looked at above
             except StoreError as exc:
                 if exc.status not in (403, 404):  # 403: another uploader's share, left alone
                     raise
