@@ -8,8 +8,8 @@ not match makes the node fail with NodeError "certificate does not match the pin
 failing node; the check is retried after PIN_RETRY_SECONDS, so a long-running mount notices a node that
 was fixed. A node that cannot be reached is tried again on the next request.
 
-An https node without a pin keeps httpx's own transport, checked against the system's CAs, wrapped only
-to say so when its certificate is what failed (not "unreachable"). Plain-HTTP nodes are untouched.
+An https node without a pin is checked against the system's CAs, and says so when its certificate is what
+failed (not "unreachable"). Every node's connections are a storage/transport.py NodeTransport.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import httpx
 import trio
 
 from tahoefs.errors import NodeError
+from tahoefs.storage.transport import NodeTransport
 from tahoefs.tls import MISMATCH, certificate_failure, fetch_certificate, fingerprint, pinned_context
 
 PIN_RETRY_SECONDS = 60.0
@@ -28,19 +29,31 @@ PIN_RETRY_SECONDS = 60.0
 def node_transport(
     url: str, pin: str, name: str, verify: ssl.SSLContext, limits: httpx.Limits, connect_timeout: float
 ) -> httpx.AsyncBaseTransport:
-    """The transport of one node's pool: httpx's own for a plain-HTTP node."""
+    """The transport of one node's pool."""
     if pin:
         return PinnedTransport(url, pin, name, limits, connect_timeout)
     if url.lower().startswith("https://"):
         return CATransport(name, verify=verify, limits=limits)
-    return httpx.AsyncHTTPTransport(verify=verify, limits=limits)  # the shared context: one CA store load
+    return _transport(None, limits)
 
 
-class CATransport(httpx.AsyncHTTPTransport):
-    """httpx's transport for an https node without a pin, naming a certificate failure as such."""
+def _transport(context: ssl.SSLContext | None, limits: httpx.Limits) -> NodeTransport:
+    return NodeTransport(
+        ssl_context=context,
+        max_connections=limits.max_connections or 32,
+        max_idle=limits.max_keepalive_connections or 0,
+    )
+
+
+class CATransport(NodeTransport):
+    """The transport of an https node without a pin, naming a certificate failure as such."""
 
     def __init__(self, name: str, verify: ssl.SSLContext, limits: httpx.Limits) -> None:
-        super().__init__(verify=verify, limits=limits)
+        super().__init__(
+            ssl_context=verify,  # the shared context: one CA store load
+            max_connections=limits.max_connections or 32,
+            max_idle=limits.max_keepalive_connections or 0,
+        )
         self.name = name
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -66,7 +79,7 @@ class PinnedTransport(httpx.AsyncBaseTransport):
         self.name = name
         self._limits = limits
         self._connect_timeout = connect_timeout
-        self._inner: httpx.AsyncHTTPTransport | None = None
+        self._inner: NodeTransport | None = None
         self._lock = trio.Lock()
         self._failure: NodeError | None = None
         self._failed_at = -1.0  # trio clock time of the last failed check
@@ -82,7 +95,7 @@ class PinnedTransport(httpx.AsyncBaseTransport):
                 raise NodeError(self.name, MISMATCH) from exc
             raise
 
-    async def _verified(self) -> httpx.AsyncHTTPTransport:
+    async def _verified(self) -> NodeTransport:
         asked = trio.current_time()
         async with self._lock:
             if self._inner is not None:
@@ -103,7 +116,7 @@ class PinnedTransport(httpx.AsyncBaseTransport):
                 self._failure, self._failed_at = exc, trio.current_time()
                 raise
             self._failure = None
-            self._inner = httpx.AsyncHTTPTransport(verify=pinned_context(der), limits=self._limits)
+            self._inner = _transport(pinned_context(der), self._limits)
             return self._inner
 
     async def _fetch(self) -> bytes:
