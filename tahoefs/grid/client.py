@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ssl
+from collections.abc import AsyncIterator
 from types import TracebackType
 
 import httpx
+import trio
 
 from tahoefs.formats.hashing import TAG_DELETE_SECRET, tagged_hash
 from tahoefs.grid.config import GridConfig
@@ -30,6 +33,7 @@ class GridClient:
         self._pools: list[httpx.AsyncClient] = []
         self.nodes: list[NodeClient] = []
         self.stats = TransferStats()
+        self._writers: dict[bytes, tuple[trio.Lock, int]] = {}  # see writing()
 
     async def __aenter__(self) -> GridClient:
         # One small connection pool per node: httpx's pool does work proportional to its size on every
@@ -93,6 +97,25 @@ class GridClient:
         """Every node, in this storage index's ring order: sorted by SHA-256(storage index || node id).
         Spreads files evenly over nodes, and any client finds the same order from the cap alone."""
         return sorted(self.nodes, key=lambda n: hashlib.sha256(storage_index + n.node_id.encode()).digest())
+
+    @contextlib.asynccontextmanager
+    async def writing(self, storage_index: bytes) -> AsyncIterator[None]:
+        """Holds this client's lock on the mutable object `storage_index` for one read-change-publish:
+        its writers take turns instead of racing. Racing writers each win some nodes' test-and-set,
+        and five or more of them can split the n shares so that no version has k (all of them then
+        conflict, and the object cannot be read). Writers in other processes still race; two to four
+        of them always leave a version with k shares at 3-of-10."""
+        lock, users = self._writers.get(storage_index) or (trio.Lock(), 0)
+        self._writers[storage_index] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._writers[storage_index]
+            if users == 1:
+                del self._writers[storage_index]
+            else:
+                self._writers[storage_index] = (lock, users - 1)
 
     def delete_secret(self, storage_index: bytes, node: NodeClient) -> bytes:
         return tagged_hash(TAG_DELETE_SECRET, self.client_secret, storage_index, node.node_id.encode())

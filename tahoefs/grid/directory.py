@@ -301,6 +301,12 @@ class Directory:
             raise ReadOnlyError("this directory was opened read-only (with a read cap)")
         for name in changes:
             check_name(name)
+        async with self.grid.writing(self.obj.si):
+            return await self._modify_many(changes, own)
+
+    async def _modify_many(
+        self, changes: dict[bytes, Change], own: Entry | None
+    ) -> dict[bytes, Entry | None]:
         for attempt in range(MAX_ATTEMPTS):
             version, buckets = await self._load(fresh=attempt > 0)
             new_own = own if own is not None else self._own  # the own attributes `version` has
