@@ -150,6 +150,7 @@ class ShareStore:
     def __init__(self, root: Path, min_free_bytes: int = NODE_MIN_FREE_BYTES) -> None:
         self.root = root
         self.shares_dir = root / "shares"
+        self._shares_prefix = f"{self.shares_dir}{os.sep}"  # share_file's, without pathlib's cost per request
         self.mutable_dir = root / "mutable"
         self.incoming_dir = root / "incoming"
         self.min_free_bytes = min_free_bytes
@@ -172,9 +173,13 @@ class ShareStore:
     def share_path(self, si: str, num: int) -> Path:
         return self.shares_dir / si[:2] / si / str(num)
 
+    def share_file(self, si: str, num: int) -> str:
+        """share_path as a string: checked on every PUT, where pathlib cost ~10% of a small PUT's CPU."""
+        return f"{self._shares_prefix}{si[:2]}{os.sep}{si}{os.sep}{num}"
+
     def has_share(self, si: str, num: int) -> bool:
         with _small_errors():
-            return self.share_path(si, num).exists() or self.small.has(si, num)
+            return os.path.exists(self.share_file(si, num)) or self.small.has(si, num)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -457,7 +462,7 @@ class IncomingShare:
         Raises StoreError(409) if the share exists meanwhile, 507/500 for disk errors."""
         if self.file is None:
             check_tail(bytes(self.buffer[-64:]))
-            if self.store.share_path(self.si, self.num).exists():
+            if os.path.exists(self.store.share_file(self.si, self.num)):
                 raise StoreError(409, "share already exists")
             with _small_errors():
                 try:
