@@ -1,6 +1,6 @@
 """The client's HTTP transport (storage/transport.py) against real node processes: connections are
-reused, a node restart or an early answer is handled, failures and timeouts come out as httpx's
-exceptions, and a cancelled request gives its connection slot back."""
+reused (over TLS too) until they expire, a node restart or an early answer is handled, failures and
+timeouts come out as httpx's exceptions, and a cancelled request gives its connection slot back."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import trio
 
 from tahoefs.formats.share import pack_footer
 from tahoefs.storage.transport import NodeTransport
+from tahoefs.tls import fetch_certificate, pinned_context
 from tests.test_node import Node, start_node, stop_node
 
 SI = "c" * 26
@@ -46,10 +47,13 @@ def share(num: int, size: int) -> bytes:
     return b"s" * size + pack_footer(num)
 
 
-def put(http: httpx.AsyncClient, num: int, content: bytes | AsyncIterator[bytes]) -> httpx.Request:
-    return http.build_request(
-        "PUT", f"/v1/immutable/{SI}/{num}", content=content, headers={"x-tahoefs-delete-secret": SECRET}
-    )
+def put(
+    http: httpx.AsyncClient, num: int, content: bytes | AsyncIterator[bytes], length: int | None = None
+) -> httpx.Request:
+    headers = {"x-tahoefs-delete-secret": SECRET}
+    if length is not None:
+        headers["content-length"] = str(length)
+    return http.build_request("PUT", f"/v1/immutable/{SI}/{num}", content=content, headers=headers)
 
 
 def test_sequential_requests_share_one_connection_and_bodies_round_trip(node: Node) -> None:
@@ -176,5 +180,73 @@ def test_a_full_pool_makes_the_next_request_wait_then_time_out(node: Node) -> No
                 with pytest.raises(httpx.PoolTimeout):
                     await http.get("/v1/version", timeout=httpx.Timeout(10.0, pool=0.2))
             assert (await http.get("/v1/version")).status_code == 200
+
+    trio.run(main)
+
+
+def test_an_idle_connection_past_its_expiry_is_closed_not_reused(node: Node) -> None:
+    async def main() -> None:
+        transport = NodeTransport(keepalive_expiry=0.2)
+        async with client(transport, node) as http:
+            await http.get("/v1/version")
+            await http.get("/v1/version")
+            assert transport.opened == 1
+            await trio.sleep(0.3)
+            await http.get("/v1/version")
+            assert transport.opened == 2
+
+    trio.run(main)
+
+
+def test_a_tls_connection_is_reused_too(tmp_path: Path) -> None:
+    n = start_node(tmp_path / "tls", "--tls")
+    try:
+        context = pinned_context(fetch_certificate(n.url, 10))
+
+        async def main() -> None:
+            transport = NodeTransport(ssl_context=context)
+            async with client(transport, n) as http:
+                for num in range(5):
+                    assert (await http.send(put(http, num, share(num, 5000)))).status_code == 201
+                assert (await http.get(f"/v1/immutable/{SI}/4")).content == share(4, 5000)
+            assert transport.opened == 1
+
+        trio.run(main)
+    finally:
+        stop_node(n)
+
+
+def test_a_body_shorter_than_its_declared_length_is_an_httpx_error_and_sends_nothing_more(
+    node: Node,
+) -> None:
+    async def short() -> AsyncIterator[bytes]:
+        yield b"only this"
+
+    async def main() -> None:
+        async with client(NodeTransport(), node) as http:
+            request = put(http, 1, short(), length=100_000)
+            with pytest.raises(httpx.LocalProtocolError):
+                await http.send(request)
+            assert (await http.get(f"/v1/immutable/{SI}")).json() == {"shares": []}
+
+    trio.run(main)
+
+
+def test_a_request_cancelled_in_the_middle_of_its_body_leaves_nothing_and_frees_its_slot(
+    node: Node,
+) -> None:
+    async def stuck() -> AsyncIterator[bytes]:
+        yield b"x" * 1000
+        await trio.sleep_forever()
+
+    async def main() -> None:
+        transport = NodeTransport(max_connections=1)
+        async with client(transport, node) as http:
+            request = put(http, 2, stuck(), length=5000)
+            with trio.move_on_after(0.3) as scope:
+                await http.send(request)
+            assert scope.cancelled_caught
+            r = await http.get(f"/v1/immutable/{SI}", timeout=httpx.Timeout(10.0, pool=1.0))
+            assert r.json() == {"shares": []}
 
     trio.run(main)

@@ -15,6 +15,7 @@ failed (not "unreachable"). Every node's connections are a storage/transport.py 
 from __future__ import annotations
 
 import ssl
+from typing import Any
 
 import httpx
 import trio
@@ -38,22 +39,22 @@ def node_transport(
 
 
 def _transport(context: ssl.SSLContext | None, limits: httpx.Limits) -> NodeTransport:
-    return NodeTransport(
-        ssl_context=context,
-        max_connections=limits.max_connections or 32,
-        max_idle=limits.max_keepalive_connections or 0,
-    )
+    return NodeTransport(ssl_context=context, **_pool_size(limits))
+
+
+def _pool_size(limits: httpx.Limits) -> dict[str, Any]:
+    return {
+        "max_connections": limits.max_connections or 32,
+        "max_idle": limits.max_keepalive_connections or 0,
+        "keepalive_expiry": float("inf") if limits.keepalive_expiry is None else limits.keepalive_expiry,
+    }
 
 
 class CATransport(NodeTransport):
     """The transport of an https node without a pin, naming a certificate failure as such."""
 
     def __init__(self, name: str, verify: ssl.SSLContext, limits: httpx.Limits) -> None:
-        super().__init__(
-            ssl_context=verify,  # the shared context: one CA store load
-            max_connections=limits.max_connections or 32,
-            max_idle=limits.max_keepalive_connections or 0,
-        )
+        super().__init__(ssl_context=verify, **_pool_size(limits))  # the shared context: one CA store load
         self.name = name
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:

@@ -179,7 +179,7 @@ class ShareStore:
 
     def has_share(self, si: str, num: int) -> bool:
         with _small_errors():
-            return os.path.exists(self.share_file(si, num)) or self.small.has(si, num)
+            return _exists(self.share_file(si, num)) or self.small.has(si, num)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -462,7 +462,7 @@ class IncomingShare:
         Raises StoreError(409) if the share exists meanwhile, 507/500 for disk errors."""
         if self.file is None:
             check_tail(bytes(self.buffer[-64:]))
-            if os.path.exists(self.store.share_file(self.si, self.num)):
+            if _exists(self.store.share_file(self.si, self.num)):
                 raise StoreError(409, "share already exists")
             with _small_errors():
                 try:
@@ -605,6 +605,16 @@ def _disk_error(exc: OSError) -> StoreError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StoreError(507, "node disk is full")
     return StoreError(500, f"node disk error: {exc.strerror}")
+
+
+def _exists(path: str) -> bool:
+    """Like Path.exists, but for a string (cheaper): an unreadable or failing disk raises OSError
+    instead of passing for "no such share"."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

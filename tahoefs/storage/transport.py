@@ -17,8 +17,14 @@ Contract (what httpx expects of a transport):
   ReadError/ReadTimeout, PoolTimeout, RemoteProtocolError. The timeouts come from the request's
   `timeout` extension (httpx.Timeout.as_dict()), each applied to one I/O step, as in httpx.
 - At most `max_connections` requests are in flight at once; at most `max_idle` idle connections are
-  kept. An idle connection the node closed meanwhile (its keep-alive timer) is noticed before reuse.
-- A node that answers before it has read the whole body (413, 507) gets its answer read and returned.
+  kept, each for at most `keepalive_expiry` seconds (well under the node's 30 s keep-alive, so the node
+  never closes one just as it is reused). An idle connection the node closed anyway (a restart) is
+  noticed before reuse. The connection is chosen only once the request's first body piece is ready,
+  and the head goes out with that piece: an upload that takes long to encode its first segment holds
+  no idle connection meanwhile.
+- When a plain-HTTP write fails because the node answered and hung up (a 431 to an oversized head),
+  the node's answer is read and returned instead of the broken pipe. (Over TLS the broken stream cannot
+  be read any more: the WriteError stands.)
 - Memory per connection: one read buffer of READ_BYTES plus h11's buffer of what is not consumed yet.
 """
 
@@ -32,6 +38,7 @@ import h11
 import httpx
 import trio
 
+KEEPALIVE_EXPIRY = 5.0  # seconds an idle connection may be reused (httpx's default; nodes allow 30)
 READ_BYTES = 64 * 1024  # one receive from the socket (under the mmap threshold cli/main.py sets)
 COALESCE_HEADERS_BYTES = 64 * 1024  # a first body piece up to this size goes in the headers' write
 
@@ -40,11 +47,17 @@ class NodeTransport(httpx.AsyncBaseTransport):
     """Keep-alive connections to one node (http, or https with `ssl_context`)."""
 
     def __init__(
-        self, *, ssl_context: ssl.SSLContext | None = None, max_connections: int = 32, max_idle: int = 8
+        self,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        max_connections: int = 32,
+        max_idle: int = 8,
+        keepalive_expiry: float = KEEPALIVE_EXPIRY,
     ) -> None:
         self._ssl_context = ssl_context
         self._slots = trio.Semaphore(max_connections)
         self._max_idle = max_idle
+        self._expiry = keepalive_expiry
         self._idle: list[_Connection] = []
         self._closed = False
         self.opened = 0  # connections opened so far
@@ -55,8 +68,6 @@ class NodeTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
-        if self._closed:
-            raise httpx.ConnectError("the connection pool is closed", request=request)
         with (
             _mapped(request, httpx.PoolTimeout, httpx.ConnectError),
             trio.fail_after(_seconds(timeouts.get("pool"))),
@@ -64,35 +75,49 @@ class NodeTransport(httpx.AsyncBaseTransport):
             await self._slots.acquire()
         connection: _Connection | None = None
         try:
+            if self._closed:
+                raise httpx.ConnectError("the connection pool is closed", request=request)
+            pieces = _pieces(request.stream)
+            first = await anext(pieces, b"")
             origin = self._origin(request.url)
             connection = self._reusable(origin) or await self._connect(
                 origin, request, timeouts.get("connect")
             )
-            response = await connection.exchange(request, timeouts.get("read"), timeouts.get("write"))
+            head = await connection.exchange(
+                request, first, pieces, timeouts.get("read"), timeouts.get("write")
+            )
+            return httpx.Response(
+                head.status_code,
+                headers=list(head.headers),
+                stream=_ResponseBody(self, connection, request, timeouts.get("read")),
+                extensions={"http_version": b"HTTP/1.1", "reason_phrase": head.reason},
+                request=request,
+            )
         except BaseException:
             if connection is not None:
                 connection.close()
             self._slots.release()
             raise
-        return httpx.Response(
-            response.status_code,
-            headers=list(response.headers),
-            stream=_ResponseBody(self, connection, request, timeouts.get("read")),
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason},
-            request=request,
-        )
 
     def _reusable(self, origin: tuple[str, str, int]) -> _Connection | None:
-        """The most recently used idle connection to `origin` that is still open, if any."""
-        for i in range(len(self._idle) - 1, -1, -1):
-            connection = self._idle[i]
-            if connection.origin != origin:
-                continue
-            del self._idle[i]
-            if not connection.is_stale():
-                return connection
-            connection.close()
-        return None
+        """The most recently used idle connection to `origin`, if one is young enough and the node has
+        not hung up on it; closes the expired ones (and a hung-up one it meets) on the way."""
+        oldest = trio.current_time() - self._expiry
+        kept: list[_Connection] = []
+        found = None
+        for connection in reversed(self._idle):
+            if connection.idle_since < oldest:
+                connection.close()
+            elif found is None and connection.origin == origin:
+                if connection.is_stale():
+                    connection.close()
+                else:
+                    found = connection
+            else:
+                kept.append(connection)
+        kept.reverse()
+        self._idle = kept
+        return found
 
     async def _connect(
         self, origin: tuple[str, str, int], request: httpx.Request, timeout: float | None
@@ -118,6 +143,7 @@ class NodeTransport(httpx.AsyncBaseTransport):
         """The exchange on `connection` is over: keep it for the next request, or close it."""
         if reusable and not self._closed and len(self._idle) < self._max_idle:
             connection.h11.start_next_cycle()
+            connection.idle_since = trio.current_time()
             self._idle.append(connection)
         else:
             connection.close()
@@ -140,6 +166,7 @@ class _Connection:
         self.stream = stream
         self.socket = socket
         self.h11 = h11.Connection(h11.CLIENT)
+        self.idle_since = 0.0
 
     def is_stale(self) -> bool:
         """An idle connection with something to read has been closed by the node (or is out of step)."""
@@ -149,23 +176,33 @@ class _Connection:
         """Synchronous, so it is safe under cancellation; skips TLS close_notify."""
         self.socket.close()
 
-    async def exchange(self, request: httpx.Request, read: float | None, write: float | None) -> h11.Response:
-        """Send the request (headers and body) and return the response's head."""
-        head = self.h11.send(
-            h11.Request(method=request.method, target=request.url.raw_path, headers=request.headers.raw)
+    async def exchange(
+        self,
+        request: httpx.Request,
+        first: bytes,
+        rest: AsyncIterator[bytes],
+        read: float | None,
+        write: float | None,
+    ) -> h11.Response:
+        """Send the request (its head, `first` and the rest of its body pieces) and return the
+        response's head."""
+        head = self._send(
+            request,
+            h11.Request(method=request.method, target=request.url.raw_path, headers=request.headers.raw),
         )
-        assert head is not None
         try:
-            async for piece in _pieces(request.stream):
+            piece = first
+            while piece:
                 if head and len(piece) <= COALESCE_HEADERS_BYTES:
-                    await self._write(request, [head, *self._framed(piece)], write)
+                    await self._write(request, [head, *self._framed(request, piece)], write)
                 else:
                     if head:
                         await self._write(request, [head], write)
-                    await self._write(request, self._framed(piece), write)
+                    await self._write(request, self._framed(request, piece), write)
                 head = b""
-            end = self.h11.send(h11.EndOfMessage())
-            await self._write(request, [head, end or b""], write)
+                piece = await anext(rest, b"")
+            end = self._send(request, h11.EndOfMessage())
+            await self._write(request, [head, end], write)
         except httpx.WriteError:
             # The node may have answered already and closed (a body it refuses by its declared
             # length): its answer says more than the broken pipe does.
@@ -176,8 +213,19 @@ class _Connection:
             raise
         return await self._response(request, read)
 
-    def _framed(self, piece: bytes) -> list[bytes]:
-        return self.h11.send_with_data_passthrough(h11.Data(data=piece)) or []
+    def _send(self, request: httpx.Request, event: h11.Request | h11.EndOfMessage) -> bytes:
+        """The bytes of `event`. A body that does not match its Content-Length is httpx's
+        LocalProtocolError, like every other misuse."""
+        try:
+            return self.h11.send(event) or b""
+        except h11.LocalProtocolError as exc:
+            raise httpx.LocalProtocolError(str(exc), request=request) from exc
+
+    def _framed(self, request: httpx.Request, piece: bytes) -> list[bytes]:
+        try:
+            return self.h11.send_with_data_passthrough(h11.Data(data=piece)) or []
+        except h11.LocalProtocolError as exc:
+            raise httpx.LocalProtocolError(str(exc), request=request) from exc
 
     async def _write(self, request: httpx.Request, pieces: list[Any], timeout: float | None) -> None:
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
