@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.localgrid import LocalGrid
+from tests.test_node import Node, start_node, stop_node
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +55,13 @@ def mounted(grid: LocalGrid, tmp_path: Path) -> Iterator[tuple[LocalGrid, Path, 
         proc = grid.run("umount", str(mnt))
         if proc.returncode != 0:
             subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    """One storage node process of its own, stopped at the end even on failure."""
+    n = start_node(tmp_path / "node")
+    try:
+        yield n
+    finally:
+        stop_node(n)

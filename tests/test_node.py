@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,15 +54,6 @@ def stop_node(node: Node) -> None:
     except subprocess.TimeoutExpired:
         node.proc.kill()
         node.proc.wait()
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = start_node(tmp_path / "node")
-    try:
-        yield n
-    finally:
-        stop_node(n)
 
 
 BIG_BODY = b"b" * (SMALL_SHARE_MAX_BYTES + 1)  # a share kept as a file, not a database row

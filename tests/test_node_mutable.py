@@ -29,15 +29,6 @@ OTHER_ENABLER = "cd" * 32
 SECRET = "ab" * 32
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = start_node(tmp_path / "node")
-    try:
-        yield n
-    finally:
-        stop_node(n)
-
-
 def slot_path(num: int = 0, si: str = SI) -> str:
     return f"/v1/mutable/{si}/{num}"
 

@@ -24,15 +24,6 @@ SECRET = "cd" * 32
 TIMEOUT = httpx.Timeout(10.0)
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = start_node(tmp_path / "node")
-    try:
-        yield n
-    finally:
-        stop_node(n)
-
-
 def client(transport: NodeTransport, node: Node) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         base_url=node.url,
