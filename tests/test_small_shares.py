@@ -17,11 +17,9 @@ import pytest
 from tahoefs.formats.share import FOOTER_SIZE, pack_footer
 from tahoefs.limits import SMALL_SHARE_MAX_BYTES
 from tahoefs.storage.smallshares import DB_NAME, SmallShareExists, SmallShares
-from tests import test_node
 from tests.test_node import SECRET, SI, Node, put, start_node, stop_node
 
 OTHER_SECRET = "cd" * 32
-node = test_node.node  # the fixture: one real node process in tmp_path
 
 
 def share_of_length(num: int, length: int) -> bytes:
