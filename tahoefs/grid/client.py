@@ -33,7 +33,7 @@ class GridClient:
         self._pools: list[httpx.AsyncClient] = []
         self.nodes: list[NodeClient] = []
         self.stats = TransferStats()
-        self._writers: dict[bytes, tuple[trio.Lock, int]] = {}  # see writing()
+        self._writers: dict[bytes, trio.Lock] = {}  # see writing()
 
     async def __aenter__(self) -> GridClient:
         # One small connection pool per node: httpx's pool does work proportional to its size on every
@@ -105,17 +105,13 @@ class GridClient:
         and five or more of them can split the n shares so that no version has k (all of them then
         conflict, and the object cannot be read). Writers in other processes still race; two to four
         of them always leave a version with k shares at 3-of-10."""
-        lock, users = self._writers.get(storage_index) or (trio.Lock(), 0)
-        self._writers[storage_index] = (lock, users + 1)
+        lock = self._writers.setdefault(storage_index, trio.Lock())
         try:
             async with lock:
                 yield
         finally:
-            lock, users = self._writers[storage_index]
-            if users == 1:
-                del self._writers[storage_index]
-            else:
-                self._writers[storage_index] = (lock, users - 1)
+            if not lock.statistics().locked and self._writers.get(storage_index) is lock:
+                del self._writers[storage_index]  # no one holds it or was handed it: forget it
 
     def delete_secret(self, storage_index: bytes, node: NodeClient) -> bytes:
         return tagged_hash(TAG_DELETE_SECRET, self.client_secret, storage_index, node.node_id.encode())
