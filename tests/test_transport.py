@@ -241,3 +241,40 @@ def test_a_request_cancelled_in_the_middle_of_its_body_leaves_nothing_and_frees_
             assert r.json() == {"shares": []}
 
     trio.run(main)
+
+
+def small_put(transport: NodeTransport, node: Node, num: int, body: bytes, limit: int = 4096) -> object:
+    url = httpx.URL(node.url)
+    headers = [
+        (b"host", url.netloc),
+        (b"authorization", f"Bearer {node.token}".encode()),
+        (b"x-tahoefs-delete-secret", SECRET.encode()),
+    ]
+    target = f"/v1/immutable/{SI}/{num}".encode()
+    return transport.small_request(
+        (url.scheme, url.host, url.port), b"PUT", target, headers, body, TIMEOUT, limit
+    )
+
+
+def test_a_small_request_without_httpx_objects_shares_the_pool_and_reads_its_answer_whole(
+    node: Node,
+) -> None:
+    async def main() -> None:
+        transport = NodeTransport(max_connections=1)
+        for num in range(5):
+            answer = await small_put(transport, node, num, share(num, 3000))
+            assert answer.status == 201 and b"stored" in answer.body
+        again = await small_put(transport, node, 0, share(0, 3000))  # exists already
+        assert again.status == 409 and b"already exists" in again.body
+        assert transport.opened == 1
+        with pytest.raises(httpx.RemoteProtocolError, match="larger than"):
+            await small_put(transport, node, 9, share(9, 3000), limit=5)
+        with trio.move_on_after(0.2):  # cancelled mid-request, sooner or later: its slot comes back
+            for num in range(10, 1000):
+                await small_put(transport, node, num, share(num, 10))
+        with trio.fail_after(5):
+            assert (await small_put(transport, node, 8, share(8, 10))).status == 201
+        async with client(transport, node) as http:  # the same pool serves httpx's requests
+            assert (await http.get(f"/v1/immutable/{SI}/4")).content == share(4, 3000)
+
+    trio.run(main)

@@ -18,12 +18,15 @@ import httpx
 
 from tahoefs.errors import NodeError, NodeFullError
 from tahoefs.formats.hashing import b32encode
+from tahoefs.storage.transport import Answer, NodeTransport
 
 CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 SHARE_NUM_RE = re.compile(r"0|[1-9][0-9]{0,2}")
 SEQNUM_RE = re.compile(r"0|[1-9][0-9]{0,18}")
 SEQNUM_LIMIT = 1 << 63
 MAX_JSON_BYTES = 1024 * 1024
+# PUT bodies up to this size go through NodeTransport.small_request (no httpx request/response objects).
+SMALL_REQUEST_BYTES = 64 * 1024
 # A share PUT waits for the node to fsync and commit the whole share before it answers.
 COMMIT_TIMEOUT = 300.0
 
@@ -91,6 +94,12 @@ class NodeClient:
         self.node_id = node_id
         self.name = name
         self._auth = {"authorization": f"Bearer {token}"}
+        # small_request, for a plain-HTTP node served by NodeTransport itself (TLS transports add their
+        # own certificate checks and error names, so their requests keep the httpx path).
+        self._lean = transport if type(transport) is NodeTransport else None
+        base = httpx.URL(self.url)
+        self._origin = (base.scheme, base.host, base.port or (443 if base.scheme == "https" else 80))
+        self._host = [(b"host", base.netloc)]
 
     def __repr__(self) -> str:
         return f"NodeClient({self.name})"
@@ -121,6 +130,31 @@ class NodeClient:
         finally:
             await response.aclose()
 
+    async def _put_small(
+        self, url: str, headers: dict[str, str], body: bytes, timeout: httpx.Timeout
+    ) -> Answer:
+        """PUT an in-memory body of at most SMALL_REQUEST_BYTES and read the (JSON) answer whole, at
+        most MAX_JSON_BYTES. Raises what httpx raises (NodeError for an answer over the bound)."""
+        self.stats.sent += len(body)
+        if self._lean is None:
+            async with self._stream("PUT", url, headers, body, timeout) as response:
+                data = await _read_bounded(self.stats, response, MAX_JSON_BYTES, self.name)
+                return Answer(response.status_code, response.reason_phrase.encode(), data)
+        if self.http.is_closed:
+            raise NodeError(self.name, "the grid client is closed")
+        raw = self._host + [(k.encode(), v.encode()) for k, v in headers.items()]
+        target = url[len(self.url) :].encode()
+        answer = await self._lean.small_request(
+            self._origin, b"PUT", target, raw, body, timeout, MAX_JSON_BYTES
+        )
+        self.stats.requests += 1
+        self.stats.received += len(answer.body)
+        return answer
+
+    def _answer_error(self, answer: Answer, what: str) -> NodeError:
+        _payload, reason = _error_payload(answer.body, answer.reason.decode("latin-1"))
+        return self._error(answer.status, what, reason)
+
     def _share_url(self, si: bytes, num: int | None = None) -> str:
         base = f"{self.url}/v1/immutable/{b32encode(si)}"
         return base if num is None else f"{base}/{num}"
@@ -147,11 +181,11 @@ class NodeClient:
 
     async def _error_from(self, response: httpx.Response, what: str) -> NodeError:
         _payload, reason = await _error_body(response)
-        return self._error(response, what, reason)
+        return self._error(response.status_code, what, reason)
 
-    def _error(self, response: httpx.Response, what: str, reason: str) -> NodeError:
-        message = f"{what}: HTTP {response.status_code} {reason}"
-        if response.status_code == 507:
+    def _error(self, status: int, what: str, reason: str) -> NodeError:
+        message = f"{what}: HTTP {status} {reason}"
+        if status == 507:
             return NodeFullError(self.name, message)
         return NodeError(self.name, message)
 
@@ -214,6 +248,18 @@ class NodeClient:
         goes with a Content-Length (cheaper than chunked framing, which copies every block); the body
         must then yield exactly that many bytes."""
         headers = {**self._auth, "x-tahoefs-delete-secret": delete_secret.hex()}
+        what = f"store share {num}"
+        if length is not None and length <= SMALL_REQUEST_BYTES:
+            try:
+                data = b"".join([piece async for piece in body])
+                if len(data) != length:
+                    raise NodeError(self.name, f"{what}: the body has {len(data)} bytes, not {length}")
+                answer = await self._put_small(self._share_url(si, num), headers, data, self._commit_timeout)
+            except (httpx.HTTPError, OSError) as exc:
+                raise self._fail(what, exc) from None
+            if answer.status != 201:
+                raise self._answer_error(answer, what)
+            return
         if length is not None:
             headers["content-length"] = str(length)
         try:
@@ -287,7 +333,7 @@ class NodeClient:
                     _payload, reason = await _error_body(response)
                     if response.status_code == 404 and reason == "no such slot":
                         raise NodeError(self.name, "no such slot")  # not "unknown path" from an old node
-                    raise self._error(response, what, reason)
+                    raise self._error(response.status_code, what, reason)
                 seqnum_text = response.headers.get("x-tahoefs-seqnum", "")
                 if not SEQNUM_RE.fullmatch(seqnum_text) or not 0 < int(seqnum_text) < SEQNUM_LIMIT:
                     raise NodeError(self.name, f"{what}: missing or malformed x-tahoefs-seqnum")
@@ -313,29 +359,24 @@ class NodeClient:
             "x-tahoefs-test-seqnum": str(test_seqnum),
             "x-tahoefs-new-seqnum": str(new_seqnum),
         }
-        self.stats.sent += len(data)
-        self.stats.requests += 1
         try:
-            async with self._stream(
-                "PUT", self._slot_url(si, num), headers, data, self._commit_timeout
-            ) as response:
-                if response.status_code != 201:
-                    payload, reason = await _error_body(response)
-                    if response.status_code == 409:
-                        current = payload.get("seqnum") if isinstance(payload, dict) else None
-                        if not _is_seqnum(current):
-                            raise NodeError(self.name, f"{what}: HTTP 409 without a valid seqnum")
-                        raise TestFailedError(self.name, f"{what}: HTTP 409 {reason}", current)
-                    raise self._error(response, what, reason)
-                body = await _read_bounded(self.stats, response, MAX_JSON_BYTES, self.name)
-            try:
-                answer = json.loads(body)
-            except ValueError:
-                answer = None
-            if not isinstance(answer, dict) or answer.get("seqnum") != new_seqnum:
-                raise NodeError(self.name, f"{what}: malformed answer")
+            answer = await self._put_small(self._slot_url(si, num), headers, data, self._commit_timeout)
         except (httpx.HTTPError, OSError) as exc:
             raise self._fail(what, exc) from None
+        if answer.status == 409:
+            payload, reason = _error_payload(answer.body, answer.reason.decode("latin-1"))
+            current = payload.get("seqnum") if isinstance(payload, dict) else None
+            if not _is_seqnum(current):
+                raise NodeError(self.name, f"{what}: HTTP 409 without a valid seqnum")
+            raise TestFailedError(self.name, f"{what}: HTTP 409 {reason}", current)
+        if answer.status != 201:
+            raise self._answer_error(answer, what)
+        try:
+            result = json.loads(answer.body)
+        except ValueError:
+            result = None
+        if not isinstance(result, dict) or result.get("seqnum") != new_seqnum:
+            raise NodeError(self.name, f"{what}: malformed answer")
 
     async def delete_slot(self, si: bytes, num: int, write_enabler: bytes) -> None:
         """Remove slot `num`. NodeError for any answer but 200, including 404 (no such slot) and 403
@@ -402,11 +443,17 @@ async def _error_body(response: httpx.Response) -> tuple[Any, str]:
         body += piece
         if len(body) > 4096:
             break
+    return _error_payload(body, response.reason_phrase)
+
+
+def _error_payload(body: bytes, reason_phrase: str) -> tuple[Any, str]:
+    """An error answer's JSON payload (None if it is not JSON) and its reason: the "error" member, else
+    the start of the body, else the HTTP reason phrase."""
     try:
         payload = json.loads(body)
         return payload, str(payload["error"])
     except (ValueError, KeyError, TypeError):
-        return None, body[:200].decode("utf-8", "replace") or response.reason_phrase
+        return None, body[:200].decode("utf-8", "replace") or reason_phrase
 
 
 def _is_int(value: object) -> bool:

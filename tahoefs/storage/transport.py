@@ -5,8 +5,10 @@ client CPU on the reference machine, through httpx and this transport about 220 
 wire take about 20 µs. A small file's upload is ten PUTs, so this took a 6 KB file's upload from 4.5 to
 3.3 ms of client CPU (`scripts/bench/small_uploads`). httpcore spends it in layers the node protocol never
 needs (HTTP/2 and proxy plumbing, generic stream type checks). This transport keeps httpx's request and
-response objects and exceptions (NodeClient does not change) and h11's HTTP parsing and framing (the
-parser httpcore itself uses); it only pools connections itself, which is a few lines for one origin.
+response objects and exceptions and h11's HTTP parsing and framing (the parser httpcore itself uses); it
+only pools connections itself, which is a few lines for one origin. One more entry point,
+`small_request`, serves NodeClient's small PUTs (shares and slots of at most 64 KiB) from the same pool
+without building httpx's request and response objects: 150 µs of client CPU per PUT instead of 240.
 
 Contract (what httpx expects of a transport):
 - `handle_async_request` returns once the response headers are in; the body streams through
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import h11
 import httpx
@@ -68,11 +70,7 @@ class NodeTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
-        with (
-            _mapped(request, httpx.PoolTimeout, httpx.ConnectError),
-            trio.fail_after(_seconds(timeouts.get("pool"))),
-        ):
-            await self._slots.acquire()
+        await self._acquire(request, timeouts.get("pool"))
         connection: _Connection | None = None
         try:
             if self._closed:
@@ -83,8 +81,11 @@ class NodeTransport(httpx.AsyncBaseTransport):
             connection = self._reusable(origin) or await self._connect(
                 origin, request, timeouts.get("connect")
             )
+            event = h11.Request(
+                method=request.method, target=request.url.raw_path, headers=request.headers.raw
+            )
             head = await connection.exchange(
-                request, first, pieces, timeouts.get("read"), timeouts.get("write")
+                event, first, pieces, timeouts.get("read"), timeouts.get("write"), request
             )
             return httpx.Response(
                 head.status_code,
@@ -98,6 +99,62 @@ class NodeTransport(httpx.AsyncBaseTransport):
                 connection.close()
             self._slots.release()
             raise
+
+    async def _acquire(self, request: httpx.Request | None, timeout: float | None) -> None:
+        """A connection slot, waiting at most `timeout` (PoolTimeout)."""
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            with _mapped(request, httpx.PoolTimeout, httpx.ConnectError), trio.fail_after(_seconds(timeout)):
+                await self._slots.acquire()
+
+    async def small_request(
+        self,
+        origin: tuple[str, str, int],
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        timeout: httpx.Timeout,
+        limit: int,
+    ) -> Answer:
+        """One request whose body is in memory, answered by at most `limit` bytes, read whole: the
+        same pool, timeouts and exceptions as handle_async_request, without building httpx's request
+        and response objects. For a small share or slot PUT that is about 150 µs of client CPU instead
+        of 240, and 10% more files/s in the mount's small-file untar (`scripts/bench/mount`).
+        `headers` must hold Host; Content-Length is added. An answer over `limit` bytes raises
+        httpx.RemoteProtocolError."""
+        timeouts = timeout.as_dict()
+        await self._acquire(None, timeouts.get("pool"))
+        connection: _Connection | None = None
+        try:
+            if self._closed:
+                raise httpx.ConnectError("the connection pool is closed")
+            connection = self._reusable(origin) or await self._connect(origin, None, timeouts.get("connect"))
+            event = h11.Request(
+                method=method, target=target, headers=[*headers, (b"content-length", b"%d" % len(body))]
+            )
+            head = await connection.exchange(
+                event, body, _nothing(), timeouts.get("read"), timeouts.get("write")
+            )
+            received = bytearray()
+            while True:
+                part = await connection.next_event(None, timeouts.get("read"))
+                if isinstance(part, h11.Data):
+                    received += part.data
+                    if len(received) > limit:
+                        raise httpx.RemoteProtocolError(f"answer larger than the {limit} bytes asked for")
+                elif isinstance(part, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    break
+                else:
+                    raise httpx.RemoteProtocolError(f"unexpected {type(part).__name__}")
+        except BaseException:
+            if connection is not None:
+                connection.close()
+            self._slots.release()
+            raise
+        self._done(connection, connection.h11.our_state is connection.h11.their_state is h11.DONE)
+        return Answer(head.status_code, head.reason, bytes(received))
 
     def _reusable(self, origin: tuple[str, str, int]) -> _Connection | None:
         """The most recently used idle connection to `origin`, if one is young enough and the node has
@@ -120,7 +177,7 @@ class NodeTransport(httpx.AsyncBaseTransport):
         return found
 
     async def _connect(
-        self, origin: tuple[str, str, int], request: httpx.Request, timeout: float | None
+        self, origin: tuple[str, str, int], request: httpx.Request | None, timeout: float | None
     ) -> _Connection:
         scheme, host, port = origin
         with _mapped(request, httpx.ConnectTimeout, httpx.ConnectError), trio.fail_after(_seconds(timeout)):
@@ -156,6 +213,14 @@ class NodeTransport(httpx.AsyncBaseTransport):
         self._idle.clear()
 
 
+class Answer(NamedTuple):
+    """A small_request's answer."""
+
+    status: int
+    reason: bytes
+    body: bytes
+
+
 class _Connection:
     """One socket to the node and its h11 state; used by one request at a time."""
 
@@ -178,18 +243,16 @@ class _Connection:
 
     async def exchange(
         self,
-        request: httpx.Request,
+        event: h11.Request,
         first: bytes,
         rest: AsyncIterator[bytes],
         read: float | None,
         write: float | None,
+        request: httpx.Request | None = None,
     ) -> h11.Response:
-        """Send the request (its head, `first` and the rest of its body pieces) and return the
-        response's head."""
-        head = self._send(
-            request,
-            h11.Request(method=request.method, target=request.url.raw_path, headers=request.headers.raw),
-        )
+        """Send the request (its head `event`, `first` and the rest of its body pieces) and return the
+        response's head. `request` only names the request in the exceptions raised."""
+        head = self._send(request, event)
         try:
             piece = first
             while piece:
@@ -213,7 +276,7 @@ class _Connection:
             raise
         return await self._response(request, read)
 
-    def _send(self, request: httpx.Request, event: h11.Request | h11.EndOfMessage) -> bytes:
+    def _send(self, request: httpx.Request | None, event: h11.Request | h11.EndOfMessage) -> bytes:
         """The bytes of `event`. A body that does not match its Content-Length is httpx's
         LocalProtocolError, like every other misuse."""
         try:
@@ -221,20 +284,20 @@ class _Connection:
         except h11.LocalProtocolError as exc:
             raise httpx.LocalProtocolError(str(exc), request=request) from exc
 
-    def _framed(self, request: httpx.Request, piece: bytes) -> list[bytes]:
+    def _framed(self, request: httpx.Request | None, piece: bytes) -> list[bytes]:
         try:
             return self.h11.send_with_data_passthrough(h11.Data(data=piece)) or []
         except h11.LocalProtocolError as exc:
             raise httpx.LocalProtocolError(str(exc), request=request) from exc
 
-    async def _write(self, request: httpx.Request, pieces: list[Any], timeout: float | None) -> None:
+    async def _write(self, request: httpx.Request | None, pieces: list[Any], timeout: float | None) -> None:
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         if not data:
             return
         with _mapped(request, httpx.WriteTimeout, httpx.WriteError), trio.fail_after(_seconds(timeout)):
             await self.stream.send_all(data)
 
-    async def _response(self, request: httpx.Request, read: float | None) -> h11.Response:
+    async def _response(self, request: httpx.Request | None, read: float | None) -> h11.Response:
         while True:
             event = await self.next_event(request, read)
             if isinstance(event, h11.Response):
@@ -242,7 +305,7 @@ class _Connection:
             if not isinstance(event, h11.InformationalResponse):
                 raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__}", request=request)
 
-    async def next_event(self, request: httpx.Request, timeout: float | None) -> Any:
+    async def next_event(self, request: httpx.Request | None, timeout: float | None) -> Any:
         """The next h11 event of the response, reading from the socket as needed."""
         while True:
             try:
@@ -289,6 +352,12 @@ class _ResponseBody(httpx.AsyncByteStream):
             self._pool._done(self._connection, connection.our_state is connection.their_state is h11.DONE)
 
 
+async def _nothing() -> AsyncIterator[bytes]:
+    """No more body pieces."""
+    return
+    yield b""  # pragma: no cover - makes this an async generator
+
+
 async def _pieces(stream: Any) -> AsyncIterator[bytes]:
     """A request body's non-empty pieces."""
     async for piece in stream:
@@ -304,7 +373,10 @@ class _mapped:
     """Turns trio's timeout and the socket's errors of one I/O step into the httpx exceptions."""
 
     def __init__(
-        self, request: httpx.Request, timeout: type[httpx.TimeoutException], error: type[httpx.TransportError]
+        self,
+        request: httpx.Request | None,
+        timeout: type[httpx.TimeoutException],
+        error: type[httpx.TransportError],
     ) -> None:
         self.request = request
         self.timeout = timeout
