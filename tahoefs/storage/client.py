@@ -98,7 +98,7 @@ class NodeClient:
         # own certificate checks and error names, so their requests keep the httpx path).
         self._lean = transport if type(transport) is NodeTransport else None
         base = httpx.URL(self.url)
-        self._origin = (base.scheme, base.host, base.port or (443 if base.scheme == "https" else 80))
+        self._origin = NodeTransport.origin(base)
         self._host = [(b"host", base.netloc)]
 
     def __repr__(self) -> str:

@@ -65,7 +65,8 @@ class NodeTransport(httpx.AsyncBaseTransport):
         self.opened = 0  # connections opened so far
 
     @staticmethod
-    def _origin(url: httpx.URL) -> tuple[str, str, int]:
+    def origin(url: httpx.URL) -> tuple[str, str, int]:
+        """(scheme, host, port) of `url`: what an idle connection must match to be reused."""
         return (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -77,7 +78,7 @@ class NodeTransport(httpx.AsyncBaseTransport):
                 raise httpx.ConnectError("the connection pool is closed", request=request)
             pieces = _pieces(request.stream)
             first = await anext(pieces, b"")
-            origin = self._origin(request.url)
+            origin = self.origin(request.url)
             connection = self._reusable(origin) or await self._connect(
                 origin, request, timeouts.get("connect")
             )
@@ -134,9 +135,7 @@ class NodeTransport(httpx.AsyncBaseTransport):
             event = h11.Request(
                 method=method, target=target, headers=[*headers, (b"content-length", b"%d" % len(body))]
             )
-            head = await connection.exchange(
-                event, body, _nothing(), timeouts.get("read"), timeouts.get("write")
-            )
+            head = await connection.exchange(event, body, None, timeouts.get("read"), timeouts.get("write"))
             received = bytearray()
             while True:
                 part = await connection.next_event(None, timeouts.get("read"))
@@ -245,13 +244,13 @@ class _Connection:
         self,
         event: h11.Request,
         first: bytes,
-        rest: AsyncIterator[bytes],
+        rest: AsyncIterator[bytes] | None,
         read: float | None,
         write: float | None,
         request: httpx.Request | None = None,
     ) -> h11.Response:
-        """Send the request (its head `event`, `first` and the rest of its body pieces) and return the
-        response's head. `request` only names the request in the exceptions raised."""
+        """Send the request (its head `event`, `first` and the rest of its body pieces, if any) and
+        return the response's head. `request` only names the request in the exceptions raised."""
         head = self._send(request, event)
         try:
             piece = first
@@ -263,7 +262,7 @@ class _Connection:
                         await self._write(request, [head], write)
                     await self._write(request, self._framed(request, piece), write)
                 head = b""
-                piece = await anext(rest, b"")
+                piece = await anext(rest, b"") if rest is not None else b""
             end = self._send(request, h11.EndOfMessage())
             await self._write(request, [head, end], write)
         except httpx.WriteError:
@@ -350,12 +349,6 @@ class _ResponseBody(httpx.AsyncByteStream):
             self._closed = True
             connection = self._connection.h11
             self._pool._done(self._connection, connection.our_state is connection.their_state is h11.DONE)
-
-
-async def _nothing() -> AsyncIterator[bytes]:
-    """No more body pieces."""
-    return
-    yield b""  # pragma: no cover - makes this an async generator
 
 
 async def _pieces(stream: Any) -> AsyncIterator[bytes]:
