@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -496,6 +497,14 @@ def test_edits_of_a_large_file_fetch_lazily_and_stay_exact(mounted, tmp_path: Pa
     assert (mnt / "big").read_bytes() == (tmp_path / "big").read_bytes()
 
 
+def _size(path: Path) -> int:
+    """Size of a file that may be deleted while we look (0 once gone)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def test_spool_files_are_reused_and_removed_at_unmount(mounted) -> None:
     """Writing many files one after another keeps at most SPOOL_POOL_FILES empty spool files around
     (reused, not made and deleted per file); unmount removes them."""
@@ -509,8 +518,13 @@ def test_spool_files_are_reused_and_removed_at_unmount(mounted) -> None:
     mine = lambda: list((grid.home / "spool").glob(f"{pid}-*.data"))  # noqa: E731
     for i in range(3 * SPOOL_POOL_FILES):
         (mnt / f"f{i}").write_bytes(os.urandom(5000 + i))
+    # close() returns after FLUSH; the kernel sends RELEASE (which gives the spool back) after that,
+    # asynchronously, so the last file's spool may still be in use for a moment.
+    deadline = time.monotonic() + 10
+    while (len(mine()) > SPOOL_POOL_FILES or any(_size(p) for p in mine())) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert 0 < len(mine()) <= SPOOL_POOL_FILES
-    assert all(p.stat().st_size == 0 for p in mine())  # emptied when given back
+    assert all(_size(p) == 0 for p in mine())  # emptied when given back
     for i in range(3 * SPOOL_POOL_FILES):
         with open(mnt / f"f{i}", "r+b") as f:  # an edit: a spool from the pool, filled from the grid
             f.seek(10)
