@@ -155,7 +155,7 @@ def test_status_shows_uploads_in_flight_lingering_shares_and_pending_directory_c
     grid: LocalGrid, tmp_path: Path
 ) -> None:
     """`tahoefs status` while a mount works: a big file's upload in flight with its progress, a small
-    file saved whose last share (to a node answering 2 s late) is still being sent, and the directory
+    file saved whose last share (to a node answering 5 s late) is still being sent, and the directory
     changes waiting in the journal; then nothing once all is on the grid."""
     import json
     import threading
@@ -164,7 +164,9 @@ def test_status_shows_uploads_in_flight_lingering_shares_and_pending_directory_c
     grid.run("mkfs", "--alias", alias, check=True)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    with _proxied(grid, [0], "--delay", "2") as grid_file:
+    # Node 0 answers share PUTs 5 s late: `finishing` stays visible for about that long, several samples
+    # of `tahoefs status` even on a busy machine.
+    with _proxied(grid, [0], "--delay", "5", "--only", "PUT /v1/immutable/") as grid_file:
         grid.run("mount", "--grid", str(grid_file), alias, str(mnt), check=True)
         try:
             seen: dict[str, object] = {}
@@ -200,6 +202,34 @@ def test_status_shows_uploads_in_flight_lingering_shares_and_pending_directory_c
                 time.sleep(0.2)
             assert text.startswith(f"{mnt}: pid ") and "running" in text, text
             assert "uploading" not in text and "not yet on the grid" not in text, text
+        finally:
+            if grid.run("umount", str(mnt)).returncode != 0:
+                subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+
+
+def test_fsync_of_a_folder_waits_for_the_last_puts_of_files_closed_before(
+    grid: LocalGrid, tmp_path: Path
+) -> None:
+    """close() returns once `happy` nodes hold a file; the PUT to a node that gets each share 6 s late
+    lingers. An fsync of a folder waits for it, so right after it the file sits on all 10 nodes."""
+    alias = "fs" + uuid.uuid4().hex[:6]
+    grid.run("mkfs", "--alias", alias, check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with _proxied(grid, [0], "--hold", "6", "--only", "PUT /v1/immutable/") as grid_file:
+        grid.run("mount", "--grid", str(grid_file), alias, str(mnt), check=True)
+        try:
+            (mnt / "small.bin").write_bytes(os.urandom(6000))
+            cap = parse_cap(grid.run("cap", str(mnt / "small.bin"), check=True).stdout.decode().strip())
+            assert isinstance(cap, FileCap)
+            si = b32encode(cap.storage_index)
+            assert len(grid.share_files(si)) < 10  # node 0 has not answered yet
+            fd = os.open(mnt, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            assert len(grid.share_files(si)) == 10
         finally:
             if grid.run("umount", str(mnt)).returncode != 0:
                 subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)

@@ -320,13 +320,18 @@ class TahoeFS(pyfuse3.Operations):
         self.table.release(handle.node)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        """Push every pending directory change to the grid (not just the journal)."""
-        if self.journal is None:
-            return
-        with trio.move_on_after(3 * self.grid.stall_timeout):
-            await self.journal.wait_idle()
-            return
-        raise pyfuse3.FUSEError(errno.EIO)
+        """Push every pending directory change to the grid (not just the journal); EIO if that takes
+        longer than three stall timeouts. Also wait (up to one stall timeout, without failing) for the
+        last PUTs of uploads whose close() already returned at `happy` nodes, so that after an fsync of
+        a folder the files written before it are on all n nodes unless a node is down or stalls."""
+        if self.journal is not None:
+            with trio.move_on_after(3 * self.grid.stall_timeout) as pushing:
+                await self.journal.wait_idle()
+            if pushing.cancelled_caught:
+                raise pyfuse3.FUSEError(errno.EIO)
+        if self.lingering is not None:
+            with trio.move_on_after(self.grid.stall_timeout):
+                await self.lingering.wait_current()
 
     # -- creating and removing -------------------------------------------------------------------
     def _new_entry(self, name: bytes, kind: int, mode: int, ctx: pyfuse3.RequestContext) -> Entry:

@@ -79,6 +79,12 @@ class Lingering:
         """Until every lingering PUT has finished (at unmount)."""
         await self._idle.wait()
 
+    async def wait_current(self) -> None:
+        """Until the PUTs lingering now have finished (later uploads are not waited for, so a steady
+        stream of writes cannot hold this up)."""
+        for streams in list(self._active.values()):
+            await streams.finished.wait()
+
 
 @dataclass
 class _Trailer:
