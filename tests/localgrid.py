@@ -174,3 +174,13 @@ def _rows(node_dir: Path) -> int:
         return db.execute("SELECT count(*) FROM shares").fetchone()[0]
     finally:
         db.close()
+
+
+def fsync_folder(path: Path) -> None:
+    """fsync of a directory: in a mount, every pending directory change goes onto the grid and the
+    last PUTs of files already closed finish (see docs/architecture.md, the mount)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

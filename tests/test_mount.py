@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.localgrid import LocalGrid
+from tests.localgrid import LocalGrid, fsync_folder
 
 MiB = 1024 * 1024
 
@@ -75,9 +75,7 @@ def test_tree_reads_back_from_a_fresh_home_with_only_grid_file_and_root_cap(moun
     src.mkdir()
     make_tree(src)
     subprocess.run(["cp", "-a", f"{src}/.", str(mnt)], check=True)
-    fd = os.open(mnt, os.O_RDONLY)
-    os.fsync(fd)  # fsync of a directory: every pending change is on the grid, not just in the journal
-    os.close(fd)
+    fsync_folder(mnt)  # every pending change is on the grid, not just in the journal
     other = LocalGrid(tmp_path / "other-home")
     other.home.mkdir()
     shutil.copy(grid.home / "grid.toml", other.home / "grid.toml")
@@ -281,9 +279,7 @@ def test_mount_shows_as_fuse_tahoefs_and_cap_prints_a_read_cap(mounted) -> None:
     assert grid.get_bytes(cap) == (mnt / "f").read_bytes()
     dcap = grid.run("cap", str(mnt), check=True).stdout.decode().strip()
     assert dcap.startswith("tahoefs:dir-ro:v1:")
-    fd = os.open(mnt, os.O_RDONLY)
-    os.fsync(fd)  # the directory change is durable in the journal; fsync puts it on the grid for others
-    os.close(fd)
+    fsync_folder(mnt)  # the directory change is durable in the journal; fsync puts it on the grid for others
     assert grid.run("ls", dcap, check=True).stdout.decode().split() == ["f"]
 
 
@@ -322,9 +318,7 @@ def test_reads_survive_seven_nodes_down_and_a_failed_cp_succeeds_after_nodes_ret
     (mnt / "dir").mkdir()
     # close() promises `happy` (7) nodes; 3 chosen nodes hold shares of it only once its last PUTs,
     # which may linger after close(), are done. An fsync of the folder waits for those.
-    fd = os.open(mnt, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
+    fsync_folder(mnt)
     down = [0, 2, 3, 5, 6, 8, 9]
     grid.stop(*down)
     try:

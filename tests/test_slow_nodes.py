@@ -19,7 +19,7 @@ from tahoefs.formats.caps import FileCap, parse_cap
 from tahoefs.formats.hashing import b32encode
 from tahoefs.grid.config import load_grid, save_grid
 from tahoefs.limits import DOWNLOAD_WINDOW_SEGMENTS, SEGMENT_SIZE
-from tests.localgrid import LocalGrid
+from tests.localgrid import LocalGrid, fsync_folder
 
 PROXY = Path(__file__).with_name("slowproxy.py")
 
@@ -54,6 +54,23 @@ def _proxied(grid: LocalGrid, nodes: list[int], *mode: str, stall: float | None 
         for proc in proxies:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def _mounted_with_slow_node_0(grid: LocalGrid, tmp_path: Path, *mode: str) -> Iterator[Path]:
+    """A new filesystem mounted through a grid file in which node 0 sits behind a slowproxy started
+    with `mode`; unmounted on the way out, whatever happened."""
+    alias = "sl" + uuid.uuid4().hex[:6]
+    grid.run("mkfs", "--alias", alias, check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with _proxied(grid, [0], *mode) as grid_file:
+        grid.run("mount", "--grid", str(grid_file), alias, str(mnt), check=True)
+        try:
+            yield mnt
+        finally:
+            if grid.run("umount", str(mnt)).returncode != 0:
+                subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
 
 
 def _holders_of(grid: LocalGrid, cap: FileCap, shares: set[int]) -> list[int]:
@@ -160,51 +177,40 @@ def test_status_shows_uploads_in_flight_lingering_shares_and_pending_directory_c
     import json
     import threading
 
-    alias = "st" + uuid.uuid4().hex[:6]
-    grid.run("mkfs", "--alias", alias, check=True)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
     # Node 0 answers share PUTs 5 s late: `finishing` stays visible for about that long, several samples
     # of `tahoefs status` even on a busy machine.
-    with _proxied(grid, [0], "--delay", "5", "--only", "PUT /v1/immutable/") as grid_file:
-        grid.run("mount", "--grid", str(grid_file), alias, str(mnt), check=True)
-        try:
-            seen: dict[str, object] = {}
+    with _mounted_with_slow_node_0(grid, tmp_path, "--delay", "5", "--only", "PUT /v1/immutable/") as mnt:
+        seen: dict[str, object] = {}
 
-            def write() -> None:
-                (mnt / "big.bin").write_bytes(os.urandom(48 * SEGMENT_SIZE))  # too big to linger
-                (mnt / "small.bin").write_bytes(os.urandom(6000))  # lingers: node 0 answers late
+        def write() -> None:
+            (mnt / "big.bin").write_bytes(os.urandom(48 * SEGMENT_SIZE))  # too big to linger
+            (mnt / "small.bin").write_bytes(os.urandom(6000))  # lingers: node 0 answers late
 
-            writer = threading.Thread(target=write)
-            writer.start()
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and (writer.is_alive() or len(seen) < 3):
-                rows = json.loads(grid.run("status", "--json", str(mnt), check=True).stdout)
-                st = rows[0].get("status") or {}
-                for up in st.get("uploads", []):
-                    if up["target"] == "big.bin" and up["bytes_done"] > 0:
-                        seen["upload"] = up["bytes_done"]
-                if st.get("finishing_uploads"):
-                    seen["finishing"] = st["finishing_uploads"]
-                if st.get("pending_directory_changes"):
-                    seen["pending"] = st["pending_directory_changes"]
-                time.sleep(0.2)
-            writer.join()
-            assert set(seen) == {"upload", "finishing", "pending"}, seen
-            fd = os.open(mnt, os.O_RDONLY)
-            os.fsync(fd)  # every directory change onto the grid
-            os.close(fd)
-            text = ""
-            for _ in range(50):  # the status file is rewritten every second
-                text = grid.run("status", str(mnt), check=True).stdout.decode()
-                if "still being sent" not in text and "not yet on the grid" not in text:
-                    break
-                time.sleep(0.2)
-            assert text.startswith(f"{mnt}: pid ") and "running" in text, text
-            assert "uploading" not in text and "not yet on the grid" not in text, text
-        finally:
-            if grid.run("umount", str(mnt)).returncode != 0:
-                subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+        writer = threading.Thread(target=write)
+        writer.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (writer.is_alive() or len(seen) < 3):
+            rows = json.loads(grid.run("status", "--json", str(mnt), check=True).stdout)
+            st = rows[0].get("status") or {}
+            for up in st.get("uploads", []):
+                if up["target"] == "big.bin" and up["bytes_done"] > 0:
+                    seen["upload"] = up["bytes_done"]
+            if st.get("finishing_uploads"):
+                seen["finishing"] = st["finishing_uploads"]
+            if st.get("pending_directory_changes"):
+                seen["pending"] = st["pending_directory_changes"]
+            time.sleep(0.2)
+        writer.join()
+        assert set(seen) == {"upload", "finishing", "pending"}, seen
+        fsync_folder(mnt)  # every directory change onto the grid
+        text = ""
+        for _ in range(50):  # the status file is rewritten every second
+            text = grid.run("status", str(mnt), check=True).stdout.decode()
+            if "still being sent" not in text and "not yet on the grid" not in text:
+                break
+            time.sleep(0.2)
+        assert text.startswith(f"{mnt}: pid ") and "running" in text, text
+        assert "uploading" not in text and "not yet on the grid" not in text, text
 
 
 def test_fsync_of_a_folder_waits_for_the_last_puts_of_files_closed_before(
@@ -212,24 +218,11 @@ def test_fsync_of_a_folder_waits_for_the_last_puts_of_files_closed_before(
 ) -> None:
     """close() returns once `happy` nodes hold a file; the PUT to a node that gets each share 6 s late
     lingers. An fsync of a folder waits for it, so right after it the file sits on all 10 nodes."""
-    alias = "fs" + uuid.uuid4().hex[:6]
-    grid.run("mkfs", "--alias", alias, check=True)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    with _proxied(grid, [0], "--hold", "6", "--only", "PUT /v1/immutable/") as grid_file:
-        grid.run("mount", "--grid", str(grid_file), alias, str(mnt), check=True)
-        try:
-            (mnt / "small.bin").write_bytes(os.urandom(6000))
-            cap = parse_cap(grid.run("cap", str(mnt / "small.bin"), check=True).stdout.decode().strip())
-            assert isinstance(cap, FileCap)
-            si = b32encode(cap.storage_index)
-            assert len(grid.share_files(si)) < 10  # node 0 has not answered yet
-            fd = os.open(mnt, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            assert len(grid.share_files(si)) == 10
-        finally:
-            if grid.run("umount", str(mnt)).returncode != 0:
-                subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+    with _mounted_with_slow_node_0(grid, tmp_path, "--hold", "6", "--only", "PUT /v1/immutable/") as mnt:
+        (mnt / "small.bin").write_bytes(os.urandom(6000))
+        cap = parse_cap(grid.run("cap", str(mnt / "small.bin"), check=True).stdout.decode().strip())
+        assert isinstance(cap, FileCap)
+        si = b32encode(cap.storage_index)
+        assert len(grid.share_files(si)) < 10  # node 0 has not got its share yet
+        fsync_folder(mnt)
+        assert len(grid.share_files(si)) == 10
