@@ -784,11 +784,15 @@ class TahoeFS(pyfuse3.Operations):
         return saved
 
     async def commit_all(self) -> None:
-        """Push every dirty spool (at unmount)."""
+        """Push every dirty spool, and give back every clean one (at unmount: a RELEASE the kernel
+        had not sent yet must not leave a spool file behind). Spools whose push failed stay."""
         for node in list(self.table.by_ino.values()):
             if isinstance(node.spool, Spool) and node.spool.dirty:
                 with contextlib.suppress(TahoefsError, pyfuse3.FUSEError):
                     await self._commit(node)
+            if isinstance(node.spool, Spool) and not node.spool.dirty:
+                node.spool.discard()
+                node.spool = None
 
 
 def _check_name(name: bytes) -> None:
