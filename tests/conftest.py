@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.localgrid import LocalGrid
+from tests.localgrid import LocalGrid, new_filesystem_mounted
 from tests.test_node import Node, start_node, stop_node
 
 
@@ -41,20 +41,9 @@ def fresh_home(tmp_path: Path) -> Iterator[LocalGrid]:
 def mounted(grid: LocalGrid, tmp_path: Path) -> Iterator[tuple[LocalGrid, Path, str]]:
     """A fresh filesystem (its own root) mounted at tmp_path/mnt; unmounted at the end even when the
     test fails. Yields (grid, mountpoint, root write cap)."""
-    import subprocess
-    import uuid
-
-    alias = "t" + uuid.uuid4().hex[:8]
-    root = grid.run("mkfs", "--alias", alias, check=True).stdout.decode().strip()
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    grid.run("mount", alias, str(mnt), check=True)
-    try:
+    with new_filesystem_mounted(grid, mnt) as root:
         yield grid, mnt, root
-    finally:
-        proc = grid.run("umount", str(mnt))
-        if proc.returncode != 0:
-            subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
 
 
 @pytest.fixture

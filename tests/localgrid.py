@@ -184,3 +184,21 @@ def fsync_folder(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def new_filesystem_mounted(grid: LocalGrid, mnt: Path, *mount_args: str) -> Iterator[str]:
+    """A new filesystem (under an alias of its own) mounted at `mnt`, which is created, with `mount_args`
+    added to `tahoefs mount` (e.g. `--grid FILE`). Yields its root write cap; unmounted at the end even
+    when the body fails."""
+    import uuid
+
+    alias = "t" + uuid.uuid4().hex[:8]
+    root = grid.run("mkfs", "--alias", alias, check=True).stdout.decode().strip()
+    mnt.mkdir()
+    grid.run("mount", *mount_args, alias, str(mnt), check=True)
+    try:
+        yield root
+    finally:
+        if grid.run("umount", str(mnt)).returncode != 0:
+            subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)

@@ -19,7 +19,7 @@ from tahoefs.formats.caps import FileCap, parse_cap
 from tahoefs.formats.hashing import b32encode
 from tahoefs.grid.config import load_grid, save_grid
 from tahoefs.limits import DOWNLOAD_WINDOW_SEGMENTS, SEGMENT_SIZE
-from tests.localgrid import LocalGrid, fsync_folder
+from tests.localgrid import LocalGrid, fsync_folder, new_filesystem_mounted
 
 PROXY = Path(__file__).with_name("slowproxy.py")
 
@@ -60,17 +60,9 @@ def _proxied(grid: LocalGrid, nodes: list[int], *mode: str, stall: float | None 
 def _mounted_with_slow_node_0(grid: LocalGrid, tmp_path: Path, *mode: str) -> Iterator[Path]:
     """A new filesystem mounted through a grid file in which node 0 sits behind a slowproxy started
     with `mode`; unmounted on the way out, whatever happened."""
-    alias = "sl" + uuid.uuid4().hex[:6]
-    grid.run("mkfs", "--alias", alias, check=True)
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    with _proxied(grid, [0], *mode) as grid_file:
-        grid.run("mount", "--grid", str(grid_file), alias, str(mnt), check=True)
-        try:
-            yield mnt
-        finally:
-            if grid.run("umount", str(mnt)).returncode != 0:
-                subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+    with _proxied(grid, [0], *mode) as grid_file, new_filesystem_mounted(grid, mnt, "--grid", str(grid_file)):
+        yield mnt
 
 
 def _holders_of(grid: LocalGrid, cap: FileCap, shares: set[int]) -> list[int]:
