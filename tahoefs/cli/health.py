@@ -112,14 +112,14 @@ def _mount_target(text: str) -> Target | None:
     from tahoefs.cli.home import home_dir
     from tahoefs.fs.mount import mount_of, read_cap_of
 
-    _push_journal(Path(text))
+    _push_pending(Path(text))
     found = mount_of(home_dir(), Path(text))
     if found is not None:
         return Target(parse_cap(found[0]), found[1], text)
     return Target(parse_cap(read_cap_of(Path(text))), [], text)
 
 
-def _push_journal(path: Path) -> None:
+def _push_pending(path: Path) -> None:
     """fsync of a directory makes the mount push its journal to the grid and wait for the last PUTs of
     files already closed: the walk, which reads the grid, then sees names that were only in the journal,
     and shares that were still on their way."""
