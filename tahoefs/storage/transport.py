@@ -74,14 +74,9 @@ class NodeTransport(httpx.AsyncBaseTransport):
         await self._acquire(request, timeouts.get("pool"))
         connection: _Connection | None = None
         try:
-            if self._closed:
-                raise httpx.ConnectError("the connection pool is closed", request=request)
             pieces = _pieces(request.stream)
             first = await anext(pieces, b"")
-            origin = self.origin(request.url)
-            connection = self._reusable(origin) or await self._connect(
-                origin, request, timeouts.get("connect")
-            )
+            connection = await self._connection(self.origin(request.url), request, timeouts.get("connect"))
             event = h11.Request(
                 method=request.method, target=request.url.raw_path, headers=request.headers.raw
             )
@@ -129,31 +124,31 @@ class NodeTransport(httpx.AsyncBaseTransport):
         await self._acquire(None, timeouts.get("pool"))
         connection: _Connection | None = None
         try:
-            if self._closed:
-                raise httpx.ConnectError("the connection pool is closed")
-            connection = self._reusable(origin) or await self._connect(origin, None, timeouts.get("connect"))
+            connection = await self._connection(origin, None, timeouts.get("connect"))
             event = h11.Request(
                 method=method, target=target, headers=[*headers, (b"content-length", b"%d" % len(body))]
             )
             head = await connection.exchange(event, body, None, timeouts.get("read"), timeouts.get("write"))
             received = bytearray()
-            while True:
-                part = await connection.next_event(None, timeouts.get("read"))
-                if isinstance(part, h11.Data):
-                    received += part.data
-                    if len(received) > limit:
-                        raise httpx.RemoteProtocolError(f"answer larger than the {limit} bytes asked for")
-                elif isinstance(part, (h11.EndOfMessage, h11.ConnectionClosed)):
-                    break
-                else:
-                    raise httpx.RemoteProtocolError(f"unexpected {type(part).__name__}")
+            while (piece := await connection.next_piece(None, timeouts.get("read"))) is not None:
+                received += piece
+                if len(received) > limit:
+                    raise httpx.RemoteProtocolError(f"answer larger than the {limit} bytes asked for")
         except BaseException:
             if connection is not None:
                 connection.close()
             self._slots.release()
             raise
-        self._done(connection, connection.h11.our_state is connection.h11.their_state is h11.DONE)
+        self._done(connection)
         return Answer(head.status_code, head.reason, bytes(received))
+
+    async def _connection(
+        self, origin: tuple[str, str, int], request: httpx.Request | None, timeout: float | None
+    ) -> _Connection:
+        """An idle connection to `origin` (see _reusable), or a new one. The caller holds a slot."""
+        if self._closed:
+            raise httpx.ConnectError("the connection pool is closed", request=request)
+        return self._reusable(origin) or await self._connect(origin, request, timeout)
 
     def _reusable(self, origin: tuple[str, str, int]) -> _Connection | None:
         """The most recently used idle connection to `origin`, if one is young enough and the node has
@@ -195,9 +190,11 @@ class NodeTransport(httpx.AsyncBaseTransport):
         self.opened += 1
         return _Connection(origin, stream, tcp.socket)
 
-    def _done(self, connection: _Connection, reusable: bool) -> None:
-        """The exchange on `connection` is over: keep it for the next request, or close it."""
-        if reusable and not self._closed and len(self._idle) < self._max_idle:
+    def _done(self, connection: _Connection) -> None:
+        """The exchange on `connection` is over: keep it for the next request if both sides finished
+        it cleanly, or close it."""
+        finished = connection.h11.our_state is connection.h11.their_state is h11.DONE
+        if finished and not self._closed and len(self._idle) < self._max_idle:
             connection.h11.start_next_cycle()
             connection.idle_since = trio.current_time()
             self._idle.append(connection)
@@ -304,6 +301,15 @@ class _Connection:
             if not isinstance(event, h11.InformationalResponse):
                 raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__}", request=request)
 
+    async def next_piece(self, request: httpx.Request | None, timeout: float | None) -> bytes | None:
+        """The next piece of the response body; None once the body has ended."""
+        event = await self.next_event(request, timeout)
+        if isinstance(event, h11.Data):
+            return bytes(event.data)
+        if isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            return None
+        raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__}", request=request)
+
     async def next_event(self, request: httpx.Request | None, timeout: float | None) -> Any:
         """The next h11 event of the response, reading from the socket as needed."""
         while True:
@@ -336,19 +342,15 @@ class _ResponseBody(httpx.AsyncByteStream):
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while not self._closed:
-            event = await self._connection.next_event(self._request, self._read)
-            if isinstance(event, h11.Data):
-                yield bytes(event.data)
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            piece = await self._connection.next_piece(self._request, self._read)
+            if piece is None:
                 return
-            else:
-                raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__}", request=self._request)
+            yield piece
 
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            connection = self._connection.h11
-            self._pool._done(self._connection, connection.our_state is connection.their_state is h11.DONE)
+            self._pool._done(self._connection)
 
 
 async def _pieces(stream: Any) -> AsyncIterator[bytes]:
